@@ -1,0 +1,9 @@
+"""fablaunch: launch and manage multi-node PyTorch jobs in tmux over SSH, as Fabric tasks."""
+
+from invoke import Collection
+
+from .launch import launch_gpus, launch_torchrun
+
+__version__ = "0.1.0"
+
+ns = Collection(launch_gpus, launch_torchrun)

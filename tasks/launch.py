@@ -1,0 +1,235 @@
+"""`fab launch-gpus` and `fab launch-torchrun`: start a job on every host at once.
+
+A launch is three steps over the same connections: a read-only preflight on every host (so bad
+hosts fail before any rank starts anywhere), the launch itself (one payload per host creating all
+its sessions), and a rollback of every host if any host failed or the user pressed Ctrl-C, so a
+half-started job never sits on the cluster holding GPUs and waiting for ranks that will never come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from invoke import Exit, task
+
+from . import records, ui
+from .errors import UsageError
+from .executor import Executor, Outcome
+from .hostfile import Host, read_gpus, read_hosts
+from .plan import Plan, plan_gpus, plan_torchrun, tag
+from .scripts import kill_payload, launch_payload, preflight_payload, session_script
+from .spec import JobSpec, build_spec, check_job_name, default_job_name, default_python, default_workdir, parse_env
+
+REMOTE_SHELL = "bash -s"
+
+COMMON_HELP = {
+    "job": "Job name (default: the spec's name, else the script's name plus a timestamp).",
+    "spec": "YAML job spec holding any of these options and the command; flags override it.",
+    "python": "Interpreter for a command that is a .py script (default: `python` on this PATH).",
+    "workdir": "Working directory on every host (default: the directory fab is called from).",
+    "port": "MASTER_PORT / rendezvous port on the first host (default 5001).",
+    "master_addr": "Address the ranks reach the first host at (default: the first host as ssh resolves it).",
+    "env": "KEY=VALUE set for every rank; repeatable. Values never appear on a command line.",
+    "parallel": "Hosts contacted at once (default 32).",
+    "replace": "Stop a running job of the same name first instead of refusing.",
+    "rollback": "On a failed or interrupted launch, stop what started on the other hosts (default on).",
+    "dry_run": "Print each host's scripts and remote commands (secrets masked); touch no host.",
+}
+
+
+def command_argv() -> list[str]:
+    """The tokens after `--`, exactly as the shell passed them (see cli.Executor)."""
+    import sys
+
+    argv = sys.argv
+    return argv[argv.index("--") + 1:] if "--" in argv else []
+
+
+def _spec(spec: str | None, env: list[str] | None, **flags: Any) -> JobSpec:
+    for name in ("port", "parallel", "max_restarts"):
+        flags[name] = _int(flags.get(name), f"--{name.replace('_', '-')}")
+    return build_spec(spec, command_argv(), env=parse_env(env or []) or None, **flags)
+
+
+def _int(value: Any, flag: str) -> int | None:
+    """Invoke parses flags without a default as strings; integers are checked here."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(flag, f"{value!r} is not an integer") from None
+
+
+def resolver(config: Any) -> Callable[[Host], str]:
+    """Resolve a host to the address ssh would connect to (HostName from ssh_config)."""
+
+    def resolve(host: Host) -> str:
+        if host.is_local:
+            return host.name
+        from fabric import Connection
+
+        return Connection(host.name, user=host.user, port=host.port, config=config).host
+
+    return resolve
+
+
+def _fail(exc: UsageError) -> Exit:
+    return Exit(f"fablaunch: {exc}", code=2)
+
+
+def _make_plan(c: Any, mode: str, spec: JobSpec) -> tuple[Plan, str]:
+    """Read host files and plan the job; any UsageError becomes exit 2 with nothing touched."""
+    hostfile = spec.gpus if mode == "gpus" else spec.hosts
+    try:
+        hosts = read_gpus(Path(hostfile)) if mode == "gpus" else read_hosts(Path(hostfile))
+        job = check_job_name(spec.name, "--job") if spec.name else default_job_name(spec.command)
+        planner = plan_gpus if mode == "gpus" else plan_torchrun
+        plan = planner(spec, hosts, job, spec.python or default_python(), spec.workdir or default_workdir(),
+                       resolver(c.config))
+    except UsageError as exc:
+        raise _fail(exc) from None
+    return plan, hostfile
+
+
+def _python_to_check(plan: Plan) -> str | None:
+    first = plan.sessions[0].argv[0]
+    return first if plan.mode == "torchrun" or plan.command[0].endswith(".py") or plan.command[0] == "-m" else None
+
+
+def dry_run(plan: Plan, launched: str) -> None:
+    """Show what a launch would run on every host, secret-looking values masked."""
+    ui.say(f"Dry run of job {plan.job} ({plan.mode}, {len(plan.sessions)} sessions on {len(plan.hosts)} hosts); "
+           "nothing is touched.")
+    for host in plan.hosts:
+        how = "local bash" if host.is_local else f"ssh {host.spec}"
+        sessions = plan.on(host)
+        ui.show_text(f"{host.spec}: `{REMOTE_SHELL}` via {how}, with this on its stdin",
+                     launch_payload(plan, sessions, launched, readable=True))
+        for session in sessions:
+            ui.show_text(f"{host.spec}: {session.script} (tmux session {session.name})",
+                         session_script(plan, session, launched, mask=True))
+
+
+def rollback(ex: Executor, plan: Plan, hosts: list[Host]) -> dict[str, Outcome]:
+    """Stop whatever of the job started on these hosts."""
+    return ex.run({h: (REMOTE_SHELL, kill_payload(plan.job, tag(plan.job, h), grace=2)) for h in hosts})
+
+
+def _results_table(title: str, plan: Plan, outcomes: dict[str, Outcome], note: dict[str, str] | None = None) -> None:
+    rows, styles = [], []
+    for host in plan.hosts:
+        o = outcomes.get(host.spec)
+        if o is None:
+            result, seconds = "not attempted", ""
+        else:
+            result, seconds = ("started" if o.ok else o.why()), f"{o.seconds:.2f}"
+        if note and host.spec in note:
+            result = f"{result}; {note[host.spec]}"
+        rows.append((host.spec, len(plan.on(host)), seconds, result))
+        styles.append("green" if o is not None and o.ok else "red")
+    ui.table(title, ("host", "sessions", "seconds", "result"), rows, styles)
+
+
+def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool) -> Plan:
+    """Plan, check, launch and (on failure) roll back a job; raise Exit unless every session started."""
+    plan, hostfile = _make_plan(c, mode, spec)
+    launched = datetime.now().astimezone().isoformat(timespec="seconds")
+    if dry:
+        dry_run(plan, launched)
+        return plan
+    with Executor(c.config, spec.parallel) as ex:
+        try:
+            _preflight(ex, plan, replace)
+            with ui.progress(f"launching {plan.job}", len(plan.hosts)) as advance:
+                outcomes = ex.run({h: (REMOTE_SHELL, launch_payload(plan, plan.on(h), launched)) for h in plan.hosts},
+                                  on_done=advance)
+        except KeyboardInterrupt:
+            ui.say("Interrupted: rolling back every host.", "yellow", stderr=True)
+            rollback(ex, plan, list(plan.hosts))
+            raise Exit("fablaunch: launch interrupted; nothing of the job is left running", code=130) from None
+        failed = [h for h in plan.hosts if not outcomes[h.spec].ok]
+        if failed:
+            note = {}
+            if rollback_on_failure:
+                undone = rollback(ex, plan, [h for h in plan.hosts if outcomes[h.spec].reached])
+                note = {spec: "rolled back" if o.ok else f"rollback failed: {o.why()}"
+                        for spec, o in undone.items() if outcomes[spec].ok}
+            _results_table(f"Launch of {plan.job} failed", plan, outcomes, note)
+            raise Exit(f"fablaunch: {len(failed)} of {len(plan.hosts)} hosts failed to launch job {plan.job}"
+                       + ("; the rest was rolled back" if rollback_on_failure else "; the rest keeps running"),
+                       code=1)
+    path = records.save(records.record(plan, launched, hostfile))
+    _results_table(f"Launched {plan.job}: {len(plan.sessions)} sessions on {len(plan.hosts)} hosts", plan, outcomes)
+    ui.say(f"Logs: {plan.sessions[0].dir.rsplit('/', 1)[0]}/<host>/ on each host; record: {path}")
+    return plan
+
+
+def _preflight(ex: Executor, plan: Plan, replace: bool) -> None:
+    """Check every host before any rank starts anywhere; stop an old job first with --replace."""
+    python = _python_to_check(plan)
+    outcomes = ex.run({h: (REMOTE_SHELL, preflight_payload(plan, python)) for h in plan.hosts})
+    bad = {s: o for s, o in outcomes.items() if not o.ok}
+    if bad:
+        _results_table(f"Preflight of {plan.job} failed: nothing was launched", plan, outcomes)
+        raise Exit(f"fablaunch: {len(bad)} of {len(plan.hosts)} hosts cannot run job {plan.job}; nothing was launched",
+                   code=1)
+    running = [h for h in plan.hosts if "exists:" in outcomes[h.spec].stdout]
+    if running and not replace:
+        names = ", ".join(h.spec for h in running)
+        raise Exit(f"fablaunch: job {plan.job} is already running on {names}; "
+                   "stop it, pick another --job, or pass --replace. Nothing was launched.", code=2)
+    if running:
+        stopped = rollback(ex, plan, list(plan.hosts))
+        left = [s for s, o in stopped.items() if not o.ok or " left=0 " not in o.stdout]
+        if left:
+            raise Exit(f"fablaunch: could not stop the running job {plan.job} on {', '.join(left)}", code=1)
+
+
+@task(
+    help={**COMMON_HELP, "gpus": "File listing one host per GPU, in rank order (default ./gpus)."},
+    iterable=["env"],
+)
+def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
+                env=None, parallel=None, replace=False, rollback=True, dry_run=False):
+    """Start one tmux session per line of the gpus file, each a rank with the torchrun environment.
+
+    Usage: fab launch-gpus [flags] -- train.py --your --args. Every rank gets RANK, LOCAL_RANK,
+    WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK/NODE_RANK, MASTER_ADDR/PORT, OMP_NUM_THREADS=1 and its
+    own TORCHELASTIC_ERROR_FILE; logs and exit codes are kept per rank on each host.
+    """
+    try:
+        job_spec = _spec(spec, env, gpus=gpus, name=job, python=python, workdir=workdir, port=port,
+                         master_addr=master_addr, parallel=parallel)
+    except UsageError as exc:
+        raise _fail(exc) from None
+    launch(c, "gpus", job_spec, replace, rollback, dry_run)
+
+
+@task(
+    help={
+        **COMMON_HELP,
+        "hosts": "File listing one node per line, optionally with ` slots=N` (default ./hosts).",
+        "nproc_per_node": "Workers per node for torchrun (default: the host's slots, else `gpu`).",
+        "max_restarts": "torchrun --max-restarts: restarts of the whole worker group on failure.",
+    },
+    iterable=["env"],
+)
+def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
+                    env=None, parallel=None, nproc_per_node=None, max_restarts=None, replace=False, rollback=True,
+                    dry_run=False):
+    """Start torchrun on every node of the hosts file (one tmux session each), meeting at c10d rendezvous.
+
+    Usage: fab launch-torchrun [flags] -- train.py --your --args. The first host serves the
+    rendezvous; each node runs --nproc-per-node workers with logs under its own job directory.
+    """
+    try:
+        job_spec = _spec(spec, env, hosts=hosts, name=job, python=python, workdir=workdir, port=port,
+                         master_addr=master_addr, parallel=parallel,
+                         nproc_per_node=nproc_per_node, max_restarts=max_restarts)
+    except UsageError as exc:
+        raise _fail(exc) from None
+    launch(c, "torchrun", job_spec, replace, rollback, dry_run)

@@ -1,0 +1,211 @@
+"""Turn host files and a job spec into a plan: every session, its rank, environment and files.
+
+Planning is pure (no SSH, no clock, no filesystem) so the whole torchrun environment contract can be
+unit-tested; everything later (scripts, fan-out, records, status) reads the plan instead of
+recomputing ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+from .hostfile import Host
+from .spec import JobSpec
+
+JOBS_DIR = "~/.fablaunch/jobs"
+MODES = ("gpus", "torchrun")
+
+# Variables fablaunch owns. FABLAUNCH_TAG marks every process of a job on one host, children and
+# setsid'd grandchildren included, so `stop` can find them through /proc/PID/environ.
+TAG_VAR = "FABLAUNCH_TAG"
+_RESERVED = frozenset({TAG_VAR, "FABLAUNCH_JOB", "FABLAUNCH_HOST", "TORCHELASTIC_ERROR_FILE"})
+
+
+class RemotePath(str):
+    """A path under the remote user's home (`~/...`), expanded on the host where it is used."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """One tmux session of a job: a rank (per-GPU mode) or a torchrun agent (per-node mode)."""
+
+    host: Host
+    name: str
+    stem: str
+    node: int
+    rank: int | None
+    local_rank: int | None
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    dir: RemotePath
+
+    def path(self, suffix: str) -> RemotePath:
+        """The session's file with that suffix, e.g. `.log`, `.exit`, `.sh`."""
+        return RemotePath(f"{self.dir}/{self.stem}{suffix}")
+
+    @property
+    def script(self) -> RemotePath:
+        return self.path(".sh")
+
+    @property
+    def log(self) -> RemotePath:
+        return self.path(".log")
+
+    @property
+    def exit_file(self) -> RemotePath:
+        return self.path(".exit")
+
+    @property
+    def error_file(self) -> RemotePath:
+        return self.path(".error.json")
+
+    @property
+    def tag(self) -> str:
+        return self.env_dict[TAG_VAR]
+
+    @property
+    def env_dict(self) -> dict[str, str]:
+        return dict(self.env)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a launch will do, per host, before any host is touched."""
+
+    job: str
+    mode: str
+    hosts: tuple[Host, ...]
+    sessions: tuple[Session, ...]
+    command: tuple[str, ...]
+    workdir: str
+    master_addr: str
+    port: int
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def on(self, host: Host) -> list[Session]:
+        """The sessions planned on one host, in rank order."""
+        return [s for s in self.sessions if s.host == host]
+
+    def host_dir(self, host: Host) -> RemotePath:
+        return job_dir(self.job, host)
+
+
+def job_dir(job: str, host: Host) -> RemotePath:
+    """Where one host keeps a job's files; the host is in the path so NFS homes never mix."""
+    return RemotePath(f"{JOBS_DIR}/{job}/{host.label}")
+
+
+def tag(job: str, host: Host) -> str:
+    """The marker value every process of `job` on `host` inherits."""
+    return f"{job}@{host.label}"
+
+
+def _unique(hosts: list[Host]) -> list[Host]:
+    seen: dict[str, Host] = {}
+    for host in hosts:
+        seen.setdefault(host.spec, host)
+    return list(seen.values())
+
+
+def _master(spec: JobSpec, hosts: list[Host], resolve: Callable[[Host], str]) -> str:
+    if spec.master_addr:
+        return spec.master_addr
+    first = hosts[0]
+    if first.is_local and any(not h.is_local for h in hosts):
+        raise UsageError(
+            "--master-addr",
+            f"the first host is {first.spec!r}, which other hosts cannot reach; "
+            "list this machine by its network name or give --master-addr",
+        )
+    return resolve(first)
+
+
+def _base_env(spec: JobSpec, job: str, host: Host, error_file: RemotePath) -> dict[str, str]:
+    """Defaults, then the user's variables, then the ones fablaunch must own."""
+    for key in spec.env:
+        if key in _RESERVED:
+            raise UsageError("--env", f"{key} is set by fablaunch (one per rank/node), not by --env")
+    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.update(spec.env)
+    env.update({
+        "FABLAUNCH_JOB": job,
+        "FABLAUNCH_HOST": host.spec,
+        TAG_VAR: tag(job, host),
+        "TORCHELASTIC_ERROR_FILE": error_file,
+    })
+    return env
+
+
+def _program(spec: JobSpec, python: str) -> list[str]:
+    """The command as the user typed it, under the interpreter if it is a script or `-m`."""
+    first = spec.command[0]
+    if first.endswith(".py") or first == "-m":
+        return [python, *spec.command]
+    return list(spec.command)
+
+
+def plan_gpus(spec: JobSpec, gpus: list[Host], job: str, python: str, workdir: str,
+              resolve: Callable[[Host], str] = lambda h: h.name) -> Plan:
+    """One session per `gpus` line with the torchrun environment contract set by hand."""
+    hosts = _unique(gpus)
+    master = _master(spec, hosts, resolve)
+    node_of = {h.spec: i for i, h in enumerate(hosts)}
+    per_host = {h.spec: sum(1 for g in gpus if g.spec == h.spec) for h in hosts}
+    seen = dict.fromkeys(per_host, 0)
+    argv = tuple(_program(spec, python))
+    sessions = []
+    for rank, line in enumerate(gpus):
+        host = hosts[node_of[line.spec]]
+        local_rank = seen[host.spec]
+        seen[host.spec] += 1
+        d = job_dir(job, host)
+        stem = f"rank-{rank}"
+        env = _base_env(spec, job, host, RemotePath(f"{d}/{stem}.error.json"))
+        env.update({
+            "RANK": str(rank),
+            "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(len(gpus)),
+            "LOCAL_WORLD_SIZE": str(per_host[host.spec]),
+            "GROUP_RANK": str(node_of[host.spec]),
+            "NODE_RANK": str(node_of[host.spec]),
+            "GROUP_WORLD_SIZE": str(len(hosts)),
+            "ROLE_RANK": str(rank),
+            "ROLE_WORLD_SIZE": str(len(gpus)),
+            "MASTER_ADDR": master,
+            "MASTER_PORT": str(spec.port),
+        })
+        sessions.append(Session(host, f"{job}-{stem}", stem, node_of[host.spec], rank, local_rank,
+                                argv, tuple(env.items()), d))
+    return Plan(job, "gpus", tuple(hosts), tuple(sessions), tuple(spec.command), workdir, master, spec.port)
+
+
+def plan_torchrun(spec: JobSpec, hosts: list[Host], job: str, python: str, workdir: str,
+                  resolve: Callable[[Host], str] = lambda h: h.name) -> Plan:
+    """One torchrun agent per `hosts` line, meeting at a c10d rendezvous on the first host."""
+    master = _master(spec, hosts, resolve)
+    sessions = []
+    for node, host in enumerate(hosts):
+        d = job_dir(job, host)
+        stem = f"node-{node}"
+        nproc = spec.nproc_per_node or (str(host.slots) if host.slots else "gpu")
+        argv = [python, "-m", "torch.distributed.run",
+                "--rdzv-id", job, "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{_bracket(master)}:{spec.port}",
+                "--nnodes", str(len(hosts)), "--nproc-per-node", nproc,
+                "--redirects", "3", "--log-dir", RemotePath(f"{d}/{stem}.torchrun")]
+        if spec.max_restarts is not None:
+            argv += ["--max-restarts", str(spec.max_restarts)]
+        argv += spec.torchrun_args
+        first = spec.command[0]
+        if not (first.endswith(".py") or first.startswith("-")):
+            argv.append("--no-python")
+        argv += spec.command
+        env = _base_env(spec, job, host, RemotePath(f"{d}/{stem}.error.json"))
+        sessions.append(Session(host, f"{job}-{stem}", stem, node, None, None,
+                                tuple(argv), tuple(env.items()), d))
+    return Plan(job, "torchrun", tuple(hosts), tuple(sessions), tuple(spec.command), workdir, master, spec.port)
+
+
+def _bracket(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr

@@ -1,0 +1,196 @@
+"""The shell that runs on the hosts: session scripts and the per-host payloads.
+
+A host receives one payload on the stdin of `bash -s`, so secrets never appear in any command line,
+and the whole per-host work (checks, files, every tmux session) is one SSH round trip. Session
+scripts are written to the host (mode 0600) and run from there, so a user can read exactly what ran.
+Files travel base64-encoded: no here-document delimiter can collide with the user's arguments, and
+any byte survives.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shlex
+
+from . import tmux
+from .plan import TAG_VAR, Plan, RemotePath, Session
+
+_SECRET = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|PRIVATE", re.I)
+MASK = "*****"
+EXISTS_CODE = 5  # a launch payload's exit code when the job already has sessions on the host
+
+
+def sh(value: str) -> str:
+    """Quote one word for bash; a RemotePath expands `~` on the host where it runs."""
+    if isinstance(value, RemotePath) and value.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(value[2:])
+    return shlex.quote(value)
+
+
+def encode(text: str) -> bytes:
+    """Encode text that may carry undecodable argv bytes (surrogateescape) back to those bytes."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def is_secret(key: str) -> bool:
+    return bool(_SECRET.search(key))
+
+
+def describe(session: Session) -> str:
+    if session.rank is None:
+        return f"node {session.node} (torchrun agent)"
+    return f"rank {session.rank} (local rank {session.local_rank})"
+
+
+def session_script(plan: Plan, session: Session, launched: str, mask: bool = False) -> str:
+    """The script one tmux session runs: environment, working directory, command, log, exit record."""
+    exports = [
+        f"export {key}={MASK if mask and is_secret(key) else sh(value)}" for key, value in session.env
+    ]
+    command = " ".join(sh(arg) for arg in session.argv)
+    return "\n".join([
+        "#!/bin/bash",
+        f"# fablaunch job {plan.job}: {describe(session)} on {session.host.spec}, launched {launched}.",
+        "# fab status, logs and errors read the files beside this script.",
+        *exports,
+        f"log={sh(session.log)}",
+        f"exit_file={sh(session.exit_file)}",
+        "# Stay alive when a signal stops the rank, to record how it ended. A handler, unlike an",
+        "# ignored signal, is reset on exec, so the rank itself still gets the default action.",
+        "trap : INT TERM HUP",
+        "finish() {",
+        "  printf '{\"exit_code\": %d, \"end_time\": %s}\\n' \"$1\" \"$(date +%s.%N)\" > \"$exit_file.tmp\"",
+        '  mv -f "$exit_file.tmp" "$exit_file"',
+        '  exit "$1"',
+        "}",
+        f"cd {sh(plan.workdir)} || {{",
+        f"  echo {sh(f'fablaunch: working directory {plan.workdir} does not exist on {session.host.spec}')}"
+        ' | tee -a "$log" >&2',
+        "  finish 1",
+        "}",
+        f'{command} 2>&1 | tee -ia "$log"',
+        'finish "${PIPESTATUS[0]}"',
+        "",
+    ])
+
+
+def manifest(plan: Plan, sessions: list[Session], launched: str) -> str:
+    """What a host needs to know about its part of a job, for status from any machine."""
+    return json.dumps({
+        "job": plan.job,
+        "mode": plan.mode,
+        "host": sessions[0].host.spec,
+        "launched": launched,
+        "workdir": plan.workdir,
+        "command": list(plan.command),
+        "master": f"{plan.master_addr}:{plan.port}",
+        "sessions": [session_record(s) for s in sessions],
+    }, indent=2) + "\n"
+
+
+def session_record(session: Session) -> dict[str, object]:
+    return {
+        "session": session.name, "host": session.host.spec, "rank": session.rank, "node": session.node,
+        "local_rank": session.local_rank, "log": session.log, "exit_file": session.exit_file,
+        "error_file": session.error_file, "script": session.script,
+    }
+
+
+def _write(path: str, content: str) -> list[str]:
+    data = base64.b64encode(encode(content)).decode()
+    wrapped = "\n".join(data[i:i + 76] for i in range(0, len(data), 76))
+    return [f"base64 -d > {path} <<'FABLAUNCH_B64'", wrapped, "FABLAUNCH_B64"]
+
+
+def _checks(plan: Plan, python: str | None) -> list[str]:
+    """Read-only checks that a host can run its part; each failure prints `check: message`."""
+    lines = [
+        "fail=0",
+        "problem() { echo \"$1\"; fail=1; }",
+        "command -v tmux >/dev/null 2>&1 || problem 'tmux: not installed (or not on the PATH of a non-login shell)'",
+        f"[ -d {sh(plan.workdir)} ] || problem {sh(f'workdir: {plan.workdir} does not exist')}",
+    ]
+    if python:
+        found = f"[ -x {sh(python)} ]" if python.startswith("/") else f"command -v {sh(python)} >/dev/null 2>&1"
+        lines.append(f"{found} || problem {sh(f'python: {python} not found')}")
+    return lines
+
+
+def job_exists(job: str) -> str:
+    """A shell test that is true when the job has sessions on this host's tmux server."""
+    return f"{tmux.list_command(job)} | grep -q ."
+
+
+def preflight_payload(plan: Plan, python: str | None) -> str:
+    """Check a host before anything is launched anywhere: exit 0, or print `check: message` lines."""
+    return "\n".join([
+        *_checks(plan, python),
+        f"if {job_exists(plan.job)}; then echo {sh(f'exists: job {plan.job} already has sessions here')}; fi",
+        'exit "$fail"',
+        "",
+    ])
+
+
+def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable: bool = False) -> str:
+    """Write a host's scripts and manifest and start all its sessions in one tmux call.
+
+    `readable` replaces the encoded files by a note, for `--dry-run` (which shows them decoded).
+    """
+    write = (lambda path, _content: [f"# writes {path} (shown below)"]) if readable else _write
+    host = sessions[0].host
+    dir_ = plan.host_dir(host)
+    lines = [
+        "set -u",
+        "umask 077",
+        *_checks(plan, None),
+        '[ "$fail" = 0 ] || exit 3',
+        f"if {job_exists(plan.job)}; then echo {sh(f'exists: job {plan.job} already has sessions here')}; "
+        f"exit {EXISTS_CODE}; fi",
+        f"dir={sh(dir_)}",
+        "# A relaunch under the same name keeps the earlier run's files: nothing is ever lost.",
+        'if [ -e "$dir" ]; then',
+        '  old="$(dirname "$dir")/.previous"; mkdir -p "$old"',
+        f'  mv "$dir" "$old/{host.label}-$(date +%s.%N)" || exit 3',
+        "fi",
+        'mkdir -p "$dir" || exit 3',
+    ]
+    for session in sessions:
+        lines += write(f'"$dir/{session.stem}.sh"', session_script(plan, session, launched))
+    lines += write('"$dir/manifest.json"', manifest(plan, sessions, launched))
+    lines += ['chmod 600 "$dir"/*', tmux.new_sessions(plan, sessions), "rc=$?",
+              f'[ "$rc" = 0 ] && echo started {len(sessions)}', 'exit "$rc"', ""]
+    return "\n".join(lines)
+
+
+def kill_payload(job: str, host_tag: str, grace: float) -> str:
+    """Stop every process of a job on one host, then its sessions, and report what is left.
+
+    Processes are found by the marker variable they all inherit (read from /proc/PID/environ), so
+    grandchildren and processes that called setsid are found too, and nothing else ever is.
+    Prints `found=N left=M sessions=K`.
+    """
+    marker = f"{TAG_VAR}={host_tag}"
+    return "\n".join([
+        f"marker={sh(marker)}",
+        "pids() {",
+        "  grep -lszxF -- \"$marker\" /proc/[0-9]*/environ 2>/dev/null |",
+        "    sed -n 's#^/proc/\\([0-9]*\\)/environ$#\\1#p' | grep -vx -e \"$$\" -e \"$BASHPID\"",
+        "}",
+        "signal_all() { p=$(pids); [ -z \"$p\" ] || kill -s \"$1\" $p 2>/dev/null; }",
+        "wait_gone() {",
+        "  end=$(( $(date +%s%N) + $1 * 1000000 ))",
+        "  while [ -n \"$(pids)\" ] && [ \"$(date +%s%N)\" -lt \"$end\" ]; do sleep 0.1; done",
+        "}",
+        "found=$(pids | wc -l)",
+        f"signal_all INT; wait_gone {int(grace * 1000)}",
+        "signal_all TERM; wait_gone 3000",
+        "signal_all KILL; wait_gone 2000",
+        "sessions=0",
+        f"for s in $({tmux.list_command(job)} | cut -f1); do",
+        "  tmux kill-session -t \"=$s:\" 2>/dev/null && sessions=$((sessions + 1))",
+        "done",
+        "echo \"found=$found left=$(pids | wc -l) sessions=$sessions\"",
+        "",
+    ])
