@@ -19,7 +19,7 @@ from . import records, ui
 from .errors import UsageError
 from .executor import Executor, Outcome
 from .hostfile import Host, read_gpus, read_hosts
-from .plan import Plan, plan_gpus, plan_torchrun, tag
+from .plan import Plan, plan_gpus, plan_torchrun
 from .scripts import kill_payload, launch_payload, preflight_payload, session_script
 from .spec import JobSpec, build_spec, check_job_name, default_job_name, default_python, default_workdir, parse_env
 
@@ -116,7 +116,7 @@ def dry_run(plan: Plan, launched: str) -> None:
 
 def rollback(ex: Executor, plan: Plan, hosts: list[Host]) -> dict[str, Outcome]:
     """Stop whatever of the job started on these hosts."""
-    return ex.run({h: (REMOTE_SHELL, kill_payload(plan.job, tag(plan.job, h), grace=2)) for h in hosts})
+    return ex.run({h: (REMOTE_SHELL, kill_payload(plan.job, h, grace=2)) for h in hosts})
 
 
 def _results_table(title: str, plan: Plan, outcomes: dict[str, Outcome], note: dict[str, str] | None = None) -> None:

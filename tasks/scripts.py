@@ -15,7 +15,8 @@ import re
 import shlex
 
 from . import tmux
-from .plan import TAG_VAR, Plan, RemotePath, Session
+from .hostfile import Host
+from .plan import TAG_VAR, Plan, RemotePath, Session, tag
 
 _SECRET = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|PRIVATE", re.I)
 MASK = "*****"
@@ -60,8 +61,10 @@ def session_script(plan: Plan, session: Session, launched: str, mask: bool = Fal
         "# Stay alive when a signal stops the rank, to record how it ended. A handler, unlike an",
         "# ignored signal, is reset on exec, so the rank itself still gets the default action.",
         "trap : INT TERM HUP",
+        "start_time=$(date +%s.%N)",
         "finish() {",
-        "  printf '{\"exit_code\": %d, \"end_time\": %s}\\n' \"$1\" \"$(date +%s.%N)\" > \"$exit_file.tmp\"",
+        "  printf '{\"exit_code\": %d, \"start_time\": %s, \"end_time\": %s}\\n' \\",
+        "    \"$1\" \"$start_time\" \"$(date +%s.%N)\" > \"$exit_file.tmp\"",
         '  mv -f "$exit_file.tmp" "$exit_file"',
         '  exit "$1"',
         "}",
@@ -164,18 +167,21 @@ def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable:
     return "\n".join(lines)
 
 
-def kill_payload(job: str, host_tag: str, grace: float) -> str:
-    """Stop every process of a job on one host, then its sessions, and report what is left.
+def kill_payload(job: str | None, host: Host, grace: float) -> str:
+    """Stop every process of a job (or of every job, `job` None) on one host, then its sessions.
 
     Processes are found by the marker variable they all inherit (read from /proc/PID/environ), so
-    grandchildren and processes that called setsid are found too, and nothing else ever is.
-    Prints `found=N left=M sessions=K`.
+    grandchildren and processes that called setsid are found too, and nothing else ever is. SIGINT
+    first (torchrun forwards it and training code can save), then SIGTERM, then SIGKILL.
+    Prints `found=N left=M sessions=K jobs=a,b`.
     """
-    marker = f"{TAG_VAR}={host_tag}"
+    if job:
+        match = f"-F -- {sh(f'{TAG_VAR}={tag(job, host)}')}"
+    else:
+        match = f"-E -- {sh(f'{TAG_VAR}=[A-Za-z0-9_-]+@{re.escape(host.label)}')}"
     return "\n".join([
-        f"marker={sh(marker)}",
         "pids() {",
-        "  grep -lszxF -- \"$marker\" /proc/[0-9]*/environ 2>/dev/null |",
+        f"  grep -lszx {match} /proc/[0-9]*/environ 2>/dev/null |",
         "    sed -n 's#^/proc/\\([0-9]*\\)/environ$#\\1#p' | grep -vx -e \"$$\" -e \"$BASHPID\"",
         "}",
         "signal_all() { p=$(pids); [ -z \"$p\" ] || kill -s \"$1\" $p 2>/dev/null; }",
@@ -184,13 +190,14 @@ def kill_payload(job: str, host_tag: str, grace: float) -> str:
         "  while [ -n \"$(pids)\" ] && [ \"$(date +%s%N)\" -lt \"$end\" ]; do sleep 0.1; done",
         "}",
         "found=$(pids | wc -l)",
-        f"signal_all INT; wait_gone {int(grace * 1000)}",
-        "signal_all TERM; wait_gone 3000",
-        "signal_all KILL; wait_gone 2000",
+        f"jobs=$({tmux.list_command(job)} | cut -f2 | sort -u | paste -sd, -)",
+        f"[ \"$found\" = 0 ] || {{ signal_all INT; wait_gone {int(grace * 1000)}; }}",
+        "[ -z \"$(pids)\" ] || { signal_all TERM; wait_gone 3000; }",
+        "[ -z \"$(pids)\" ] || { signal_all KILL; wait_gone 3000; }",
         "sessions=0",
         f"for s in $({tmux.list_command(job)} | cut -f1); do",
         "  tmux kill-session -t \"=$s:\" 2>/dev/null && sessions=$((sessions + 1))",
         "done",
-        "echo \"found=$found left=$(pids | wc -l) sessions=$sessions\"",
+        "echo \"found=$found left=$(pids | wc -l) sessions=$sessions jobs=$jobs\"",
         "",
     ])

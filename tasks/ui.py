@@ -21,7 +21,10 @@ def console(stderr: bool = False) -> Any:
     if stderr:
         _err_console = _err_console or Console(stderr=True, highlight=False)
         return _err_console
-    _console = _console or Console(highlight=False, soft_wrap=True)
+    if _console is None:
+        _console = Console(highlight=False)
+        if not _console.is_terminal:  # piped or captured: 80 columns would cut every table
+            _console.width = max(_console.width, 160)
     return _console
 
 

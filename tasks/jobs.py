@@ -1,0 +1,488 @@
+"""`fab status`, `logs`, `attach`, `stop` and `wait`: see, follow, enter and tear down jobs.
+
+Every task asks the hosts, not the local launch record: the record only says which hosts to ask, so
+a second machine with just the host files sees and stops the same jobs. Hosts are asked in parallel,
+one round trip each, and an unreachable host is reported by name and makes the exit code 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from invoke import Exit, task
+
+from . import records, survey, ui
+from .errors import UsageError
+from .executor import Executor, Outcome
+from .hostfile import Host, parse_host, read_gpus, read_hosts
+from .scripts import kill_payload, sh
+from .spec import DEFAULT_PARALLEL, check_job_name
+from .survey import SessionState
+
+REMOTE_SHELL = "bash -s"
+
+TARGET_HELP = {
+    "job": "Job name (default: every job of this project found on the hosts).",
+    "hosts": "A hosts file naming hosts to ask (default ./hosts, if present, and the launch records' hosts).",
+    "gpus": "A gpus file naming hosts to ask (default ./gpus, if present, and the launch records' hosts).",
+    "parallel": "Hosts contacted at once (default 32).",
+}
+
+
+def targets(job: str | None, hosts: str | None, gpus: str | None) -> list[Host]:
+    """The hosts to ask: those of the launch records here, plus those of the host files.
+
+    Explicit files must exist; the default ./hosts and ./gpus are used when present. Without any
+    of these there is nothing to ask, which is a usage error.
+    """
+    if job:
+        check_job_name(job, "--job")
+    found: dict[str, Host] = {}
+    recs = [r for r in [records.load(job)] if r] if job else records.load_all()
+    for rec in recs:
+        for spec in rec.get("hosts", []):
+            found.setdefault(spec, parse_host(spec, f"launch record of {rec['job']}"))
+    for given, default, reader in ((hosts, "hosts", read_hosts), (gpus, "gpus", read_gpus)):
+        path = Path(given or default)
+        if given or path.exists():
+            for host in reader(path):
+                found.setdefault(host.spec, host)
+    if not found:
+        raise UsageError("--hosts/--gpus", "no host files here and no launch records: name the hosts to ask")
+    return list(found.values())
+
+
+def _usage(fn: Any) -> Any:
+    """Turn UsageError into exit code 2 with the message, for every task below."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as exc:
+            raise Exit(f"fablaunch: {exc}", code=2) from None
+
+    wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = fn.__name__, fn.__doc__, fn  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _int(value: Any, flag: str, default: int | None = None) -> int | None:
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(flag, f"{value!r} is not an integer") from None
+
+
+def _float(value: Any, flag: str, default: float | None = None) -> float | None:
+    if value is None:
+        return default
+    try:
+        result = float(value)
+    except ValueError:
+        raise UsageError(flag, f"{value!r} is not a number") from None
+    if result < 0:
+        raise UsageError(flag, f"must not be negative, not {value}")
+    return result
+
+
+class Survey:
+    """The states of every session on the target hosts, plus the hosts that did not answer."""
+
+    def __init__(self, states: list[SessionState], unreachable: dict[str, str]) -> None:
+        self.states = states
+        self.unreachable = unreachable
+
+    def jobs(self) -> dict[str, list[SessionState]]:
+        jobs: dict[str, list[SessionState]] = {}
+        for state in sorted(self.states, key=_order):
+            jobs.setdefault(state.job, []).append(state)
+        return jobs
+
+
+def _order(s: SessionState) -> tuple[str, int, int]:
+    return (s.launched, s.rank if s.rank is not None else -1, s.node if s.node is not None else -1)
+
+
+def take_survey(ex: Executor, hosts: list[Host], job: str | None) -> Survey:
+    """Ask every host what its sessions are doing; unreachable hosts' recorded sessions are `unknown`."""
+    outcomes = ex.run({h: (REMOTE_SHELL, survey.payload(h, job)) for h in hosts})
+    states: list[SessionState] = []
+    unreachable: dict[str, str] = {}
+    for host in hosts:
+        outcome = outcomes[host.spec]
+        if outcome.ok:
+            states += survey.parse(host, outcome.stdout)
+            continue
+        unreachable[host.spec] = outcome.why()
+        for rec in [records.load(job)] if job else records.load_all():
+            for s in (rec or {}).get("sessions", []):
+                if s["host"] == host.spec:
+                    states.append(SessionState(rec["job"], rec["mode"], host.spec, s["session"],
+                                               s["rank"] if rec["mode"] == "gpus" else None, s["node"], "unknown",
+                                               log=s["log"], launched=rec.get("launched", "")))
+    return Survey(states, unreachable)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    return f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+_STYLE = {"running": "cyan", "succeeded": "green", "failed": "red", "killed": "red", "lost": "yellow",
+          "unknown": "magenta"}
+
+
+def describe_end(s: SessionState) -> str:
+    if s.state == "failed":
+        return f"exit {s.exit_code}"
+    if s.state == "killed":
+        return f"signal {s.signal}"
+    return "exit 0" if s.state == "succeeded" else ""
+
+
+def who(s: SessionState) -> str:
+    return f"rank {s.rank}" if s.rank is not None else f"node {s.node}"
+
+
+def job_table(job: str, states: list[SessionState]) -> Any:
+    """A rich table of one job's sessions."""
+    from rich.table import Table
+
+    mode = states[0].mode
+    table = Table(title=f"job {job} ({mode})", title_justify="left")
+    for column in ("host", "session", "rank" if mode == "gpus" else "node", "state", "exit", "pid", "run time",
+                   "last log line"):
+        last = column == "last log line"
+        table.add_column(column, no_wrap=True, overflow="ellipsis", min_width=20 if last else None)
+    for s in states:
+        last = f"{s.last_line[:120]}  ({_age(s.log_age)} ago)" if s.last_line else ""
+        table.add_row(s.host, s.session, str(s.rank if mode == "gpus" else s.node), s.state, describe_end(s),
+                      str(s.pid or ""), _age(s.runtime), last, style=_STYLE.get(s.state))
+    return table
+
+
+def summary(job: str, states: list[SessionState]) -> list[str]:
+    """A job's summary line, and the first failure with its log tail and error message."""
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    line = f"job {job}: {len(states)} sessions, " + ", ".join(f"{n} {state}" for state, n in counts.items())
+    first = survey.first_failure(states)
+    if first is None:
+        return [line]
+    lines = [f"{line}; first failure: {who(first)} on {first.host} ({describe_end(first)})"]
+    message = survey.error_message(first.error)
+    if message:
+        lines.append(f"  error: {message}")
+    lines += [f"  | {t}" for t in first.tail]
+    return lines
+
+
+def report(result: Survey) -> None:
+    out = ui.console()
+    for job, states in result.jobs().items():
+        out.print(job_table(job, states))
+        for i, line in enumerate(summary(job, states)):
+            out.print(line, markup=False, style="bold" if i == 0 else None)
+    for host, why in result.unreachable.items():
+        ui.say(f"{host}: unreachable ({why}); its sessions are unknown", "red")
+    if not result.states and not result.unreachable:
+        ui.say("No jobs of fablaunch found on the hosts.")
+
+
+@task(help={**TARGET_HELP, "json": "Print a JSON list, one object per session, instead of tables."})
+@_usage
+def status(c, job=None, hosts=None, gpus=None, json_=False, parallel=None):
+    """Show every session of a job (or of all jobs): state, exit code or signal, run time, last log line.
+
+    States: running, succeeded, failed (exit code), killed (signal), lost (session gone without an exit
+    record), unknown (host unreachable). Names the first rank to fail, with its log tail and error.
+    """
+    host_list = targets(job, hosts, gpus)
+    with Executor(c.config, _int(parallel, "--parallel", DEFAULT_PARALLEL) or 1) as ex:
+        result = take_survey(ex, host_list, job)
+    if json_:
+        print(json.dumps([s.as_json() for s in sorted(result.states, key=_order)], indent=2))
+    else:
+        report(result)
+    if result.unreachable:
+        raise Exit(f"fablaunch: unreachable: {', '.join(result.unreachable)}", code=1)
+
+
+def latest_job(ex: Executor, hosts: list[Host]) -> str:
+    """The most recently launched job: from the records here, else from the hosts."""
+    recs = records.load_all()
+    if recs:
+        return recs[-1]["job"]
+    states = take_survey(ex, hosts, None).states
+    if not states:
+        raise UsageError("--job", "no launch records here and no jobs found on the hosts")
+    return max(states, key=lambda s: s.launched).job
+
+
+def logs_payload(states: list[SessionState], lines: int, follow: bool, job: str) -> str:
+    """Print (or follow) a host's logs, each line prefixed with its file's key and a tab."""
+    files = []
+    for s in states:
+        files.append((s.session, s.log))
+        if s.mode == "torchrun":
+            files.append((f"{s.session}/", s.log.removesuffix(".log") + ".torchrun/*/attempt_*/*/std*.log"))
+    emit = ["emit() { sed -u \"s|^|$1\t|\"; }"]
+    if not follow:
+        body = []
+        for key, path in files:
+            glob = path.endswith("std*.log")
+            target = f"{sh(path.split('*')[0])}{path[len(path.split('*')[0]):]}" if glob else sh(path)
+            body.append(f"for f in {target}; do [ -f \"$f\" ] && tail -n {lines} \"$f\" | "
+                        f"emit {sh(key)}\"${{f#{sh(path.split('*')[0]) if glob else sh(path)}}}\"; done")
+        return "\n".join([*emit, *body, ""])
+    # Follow: tail every file (picking up torchrun's per-rank files as they appear), send a heartbeat so
+    # a closed connection is noticed, and stop once this host has no live session of the job.
+    body = ["declare -A seen; pids=''", "cleanup() { [ -z \"$pids\" ] || kill $pids 2>/dev/null; }",
+            "trap 'cleanup; exit 0' EXIT HUP INT TERM PIPE", "while :; do"]
+    for key, path in files:
+        prefix = path.split("*")[0]
+        target = f"{sh(prefix)}{path[len(prefix):]}"
+        body += [f"  for f in {target}; do",
+                 "    [ -f \"$f\" ] && [ -z \"${seen[$f]:-}\" ] || continue; seen[$f]=1",
+                 f"    tail -n {lines} -F \"$f\" 2>/dev/null | emit {sh(key)}\"${{f#{sh(prefix)}}}\" &",
+                 "    pids=\"$pids $!\"",
+                 "  done"]
+    from .tmux import list_command
+
+    body += [f"  {list_command(job)} | grep -q . || {{ sleep 1; exit 0; }}",
+             f"  printf '{survey.SEP}\\n' || exit 0", "  sleep 1", "done"]
+    return "\n".join([*emit, *body, ""])
+
+
+class LinePrinter:
+    """Prints `[host who] line` for keyed lines from many hosts at once, one whole line at a time."""
+
+    def __init__(self, states: list[SessionState]) -> None:
+        self.who = {s.session: (s.host, who(s)) for s in states}
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        if line.startswith(survey.SEP) or "\t" not in line:
+            return
+        key, _, text = line.partition("\t")
+        session, _, sub = key.partition("/")
+        host, name = self.who.get(session, ("?", session))
+        if sub:  # torchrun worker file: attempt_0/1/stderr.log -> worker 1 stderr
+            parts = sub.split("/")
+            name += f" worker {parts[-2]} {parts[-1].removesuffix('.log')}" if len(parts) >= 2 else f" {sub}"
+        with self.lock:
+            sys.stdout.write(f"[{host} {name}] {text.rstrip(chr(10))}\n")
+            sys.stdout.flush()
+
+
+def show_logs(ex: Executor, hosts: list[Host], job: str, ranks: list[int], only_hosts: list[str], lines: int,
+              follow: bool) -> None:
+    """Print (or follow) the logs of a job's selected sessions from every host at once."""
+    result = take_survey(ex, hosts, job)
+    states = [s for s in result.states if s.job == job and s.state != "unknown"
+              and (not ranks or (s.rank if s.rank is not None else s.node) in ranks)
+              and (not only_hosts or s.host in only_hosts)]
+    if not states:
+        raise UsageError("--job", f"no logs of job {job} found on the hosts"
+                         + (f" (unreachable: {', '.join(result.unreachable)})" if result.unreachable else ""))
+    printer = LinePrinter(states)
+    by_host = {h.spec: h for h in hosts}
+    per_host: dict[str, list[SessionState]] = {}
+    for s in states:
+        per_host.setdefault(s.host, []).append(s)
+
+    def one(spec: str) -> Outcome:
+        return ex.run_one(by_host[spec], REMOTE_SHELL, logs_payload(per_host[spec], lines, follow, job), printer)
+
+    threads = [threading.Thread(target=one, args=(spec,), daemon=True) for spec in per_host]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+    for host, why in result.unreachable.items():
+        ui.say(f"{host}: unreachable ({why}); its logs are not shown", "red", stderr=True)
+
+
+@task(
+    help={**TARGET_HELP, "job": "Job name (default: the job launched last from here).",
+          "rank": "Only this rank (per-GPU jobs) or node (torchrun jobs); repeatable.",
+          "host": "Only sessions on this host; repeatable.", "tail": "Lines per file (default 50).",
+          "follow": "Keep streaming from every host until Ctrl-C or the job ends."},
+    iterable=["rank", "host"],
+)
+@_usage
+def logs(c, job=None, rank=None, host=None, tail=None, follow=False, hosts=None, gpus=None, parallel=None):
+    """Print the ranks' output, each line prefixed with host and rank, from the per-rank log files.
+
+    In torchrun mode, torchrun's own per-worker files are shown too. Works after the sessions ended
+    and after `fab stop`: logs are files on the hosts, not tmux scrollback.
+    """
+    host_list = targets(job, hosts, gpus)
+    ranks = [_int(r, "--rank") for r in rank or []]
+    with Executor(c.config, _int(parallel, "--parallel", DEFAULT_PARALLEL) or 1) as ex, \
+            contextlib.suppress(KeyboardInterrupt):
+        show_logs(ex, host_list, job or latest_job(ex, host_list), ranks, list(host or []),
+                  _int(tail, "--tail", 50) or 0, follow)
+
+
+@task(help={"job": "Job name (default: the job launched last from here).",
+            "rank": "Attach to this rank's session (per-GPU jobs) or node's (torchrun jobs).",
+            "host": "Attach to the first session of the job on this host.",
+            "hosts": TARGET_HELP["hosts"], "gpus": TARGET_HELP["gpus"]})
+@_usage
+def attach(c, rank=None, host=None, job=None, hosts=None, gpus=None):
+    """Open an interactive terminal in one session of a job (tmux attach over ssh -t; detach with C-b d).
+
+    If that session has ended, says so and points to `fab logs`.
+    """
+    if rank is None and host is None:
+        raise UsageError("--rank/--host", "say which session: --rank N or --host HOST")
+    number = _int(rank, "--rank")
+    host_list = targets(job, hosts, gpus)
+    with Executor(c.config, DEFAULT_PARALLEL) as ex:
+        job = job or latest_job(ex, host_list)
+        result = take_survey(ex, host_list, job)
+    matches = [s for s in result.states if s.job == job
+               and (number is None or (s.rank if s.rank is not None else s.node) == number)
+               and (host is None or s.host == host)]
+    if not matches:
+        raise UsageError("--rank/--host", f"job {job} has no such session"
+                         + (f" (unreachable: {', '.join(result.unreachable)})" if result.unreachable else ""))
+    target = matches[0]
+    if target.state != "running":
+        raise Exit(f"fablaunch: {target.session} on {target.host} has ended ({target.state} {describe_end(target)}); "
+                   f"see its output with: fab logs --job {job} --rank {number if number is not None else target.node}",
+                   code=1)
+    tmux_cmd = f"tmux attach-session -t {sh('=' + target.session)}"
+    h = parse_host(target.host, "session host")
+    if h.is_local:
+        argv = ["bash", "-c", tmux_cmd]
+    else:
+        argv = ["ssh", "-t"]
+        if c.config.get("ssh_config_path"):
+            argv += ["-F", c.config.ssh_config_path]
+        for key in c.config.connect_kwargs.get("key_filename") or []:
+            argv += ["-i", key]
+        argv += [*(["-p", str(h.port)] if h.port else []), *(["-l", h.user] if h.user else []), h.name, tmux_cmd]
+    os.execvp(argv[0], argv)
+
+
+def stop_job(ex: Executor, hosts: list[Host], job: str | None, grace: float) -> tuple[list[tuple[Any, ...]], int]:
+    """Stop a job (or all jobs) on every host; return table rows and how many hosts are not clean."""
+    outcomes = ex.run({h: (REMOTE_SHELL, kill_payload(job, h, grace)) for h in hosts})
+    rows, bad = [], 0
+    for host in hosts:
+        o = outcomes[host.spec]
+        fields = dict(f.split("=", 1) for f in o.stdout.split() if "=" in f) if o.ok else {}
+        if not o.ok or "left" not in fields:
+            rows.append((host.spec, "", "", "", f"unreachable: {o.why()}" if not o.reached else o.why()))
+            bad += 1
+            continue
+        found, left, sessions = int(fields["found"]), int(fields["left"]), int(fields["sessions"])
+        if left:
+            result = f"{left} processes survived SIGKILL"
+            bad += 1
+        else:
+            result = "stopped" if found or sessions else "nothing to stop"
+        rows.append((host.spec, fields.get("jobs", ""), found, sessions, result))
+    return rows, bad
+
+
+@task(help={**TARGET_HELP, "job": "Job name (default: every job of this project on the hosts).",
+            "grace": "Seconds between SIGINT and SIGTERM, for training code to save (default 10)."})
+@_usage
+def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None):
+    """Stop a job everywhere: SIGINT, then SIGTERM and SIGKILL to every process of it, then its sessions.
+
+    Processes are found by a marker every process of the job inherits (DataLoader workers and
+    setsid'd children included); nothing this project did not start is touched. Logs, exit records
+    and error files are kept. Exits 1 if a process survived or a host was unreachable.
+    """
+    host_list = targets(job, hosts, gpus)
+    grace_s = _float(grace, "--grace", 10.0) or 0.0
+    with Executor(c.config, _int(parallel, "--parallel", DEFAULT_PARALLEL) or 1) as ex:
+        rows, bad = stop_job(ex, host_list, job, grace_s)
+    if all(r[-1] == "nothing to stop" for r in rows):
+        ui.say(f"Nothing to stop{f' for job {job}' if job else ''} on {len(rows)} hosts.")
+        return
+    ui.table(f"Stop {job or 'all jobs'}", ("host", "jobs", "processes", "sessions", "result"), rows,
+             ["green" if r[-1] in ("stopped", "nothing to stop") else "red" for r in rows])
+    if bad:
+        raise Exit(f"fablaunch: {bad} hosts not verified clean", code=1)
+
+
+def exit_code_of(failure: SessionState) -> int:
+    """The exit code `wait` gives for a failed job: the rank's own code, or 1 for a signal."""
+    return failure.exit_code if failure.state == "failed" and failure.exit_code else 1
+
+
+def wait_for(c: Any, ex: Executor, hosts: list[Host], job: str, timeout: float | None, fail_fast: bool,
+             interval: float = 2.0) -> int:
+    """Watch a job live until every session ended; return the exit code `fab wait` should give."""
+    from rich.live import Live
+
+    start = time.monotonic()
+    with Live(console=ui.console(stderr=True), auto_refresh=False, transient=True) as live:
+        while True:
+            result = take_survey(ex, hosts, job)
+            states = [s for s in result.states if s.job == job]
+            if states:
+                live.update(job_table(job, states), refresh=True)
+            running = [s for s in states if s.state in ("running", "unknown")]
+            failure = survey.first_failure(states)
+            if failure and fail_fast and running:
+                live.stop()
+                ui.say(f"{who(failure)} on {failure.host} failed ({describe_end(failure)}): stopping the rest "
+                       "(--fail-fast).", "red", stderr=True)
+                stop_job(ex, hosts, job, 10.0)
+                result = take_survey(ex, hosts, job)
+                states = [s for s in result.states if s.job == job]
+                break
+            if states and not running:
+                break
+            if timeout is not None and time.monotonic() - start > timeout:
+                live.stop()
+                ui.console().print(job_table(job, states))
+                ui.say(f"Timed out after {timeout:g}s; job {job} keeps running.", "yellow")
+                return 124
+            time.sleep(interval)
+    ui.console().print(job_table(job, states))
+    for line in summary(job, states):
+        ui.say(line)
+    lost = [s for s in states if s.state == "lost"]
+    failure = survey.first_failure(states)
+    if failure:
+        return exit_code_of(failure)
+    return 1 if lost else 0
+
+
+@task(help={"job": "Job name (default: the job launched last from here).",
+            "timeout": "Give up after this many seconds with exit code 124, leaving the job running.",
+            "fail_fast": "As soon as one rank fails, stop the rest instead of waiting out NCCL timeouts.",
+            "hosts": TARGET_HELP["hosts"], "gpus": TARGET_HELP["gpus"], "parallel": TARGET_HELP["parallel"]})
+@_usage
+def wait(c, job=None, timeout=None, fail_fast=False, hosts=None, gpus=None, parallel=None):
+    """Show a job live until every rank has ended; exit 0 if all succeeded, else the first failure's code.
+
+    A rank killed by a signal gives 1; --timeout gives 124.
+    """
+    host_list = targets(job, hosts, gpus)
+    with Executor(c.config, _int(parallel, "--parallel", DEFAULT_PARALLEL) or 1) as ex:
+        name = job or latest_job(ex, host_list)
+        code = wait_for(c, ex, host_list, name, _float(timeout, "--timeout"), fail_fast)
+    if code:
+        raise Exit(code=code)

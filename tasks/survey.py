@@ -1,0 +1,227 @@
+"""Find out what the jobs on a host are doing, in one read-only round trip.
+
+A host is the source of truth for its jobs: tagged tmux sessions say what still runs, and each job
+directory holds a manifest, exit records, logs and TORCHELASTIC error files that outlive sessions,
+tmux servers and `fab stop`. The survey payload dumps all of it with a handful of processes per job
+(no loop of `cat`s), and `parse` turns the dump into one `SessionState` per session. Parsing is pure
+so the state rules (running, succeeded, failed, killed, lost) are unit-tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import tmux
+from .hostfile import Host
+from .plan import JOBS_DIR, RemotePath
+from .scripts import sh
+
+SEP = "\x1e"  # starts a section line in the dump; never in a path, unlikely in a log
+TAIL_LINES = 5
+
+
+@dataclass
+class SessionState:
+    """What one session of a job is doing, as `fab status` and `--json` report it."""
+
+    job: str
+    mode: str
+    host: str
+    session: str
+    rank: int | None
+    node: int | None
+    state: str  # running, succeeded, failed, killed, lost, unknown
+    exit_code: int | None = None
+    signal: int | None = None
+    pid: int | None = None
+    started: float | None = None
+    ended: float | None = None
+    runtime: float | None = None
+    log: str = ""
+    last_line: str = ""
+    log_age: float | None = None
+    tail: list[str] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    launched: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("tail")
+        return data
+
+    @property
+    def ended_badly(self) -> bool:
+        return self.state in ("failed", "killed")
+
+
+def payload(host: Host, job: str | None) -> str:
+    """Dump this host's tagged sessions and job files; `job` None means every job."""
+    glob = f"{sh(RemotePath(JOBS_DIR))}/{sh(job) if job else '*'}/{sh(host.label)}/manifest.json"
+    return "\n".join([
+        f"sep=$'{SEP}'",
+        'printf "%sNOW %s\\n" "$sep" "$(date +%s.%N)"',
+        'printf "%sTMUX\\n" "$sep"',
+        tmux.list_command(job),
+        f"for m in {glob}; do",
+        '  [ -f "$m" ] || continue',
+        '  d=${m%/manifest.json}',
+        '  printf "%sMANIFEST %s\\n" "$sep" "$d"; cat "$m"',
+        '  set -- "$d"/*.exit "$d"/*.error.json',
+        '  [ -e "$1" ] || shift',
+        '  awk -v s="$sep" \'FNR==1{print s "FILE " FILENAME} {print}\' "$@" 2>/dev/null </dev/null',
+        '  printf "%sMTIMES\\n" "$sep"; stat -c "%n %Y" "$d"/*.log 2>/dev/null',
+        f'  printf "%sTAILS\\n" "$sep"; tail -v -n {TAIL_LINES} "$d"/*.log 2>/dev/null',
+        "done",
+        "exit 0",
+        "",
+    ])
+
+
+def _sections(text: str) -> list[tuple[str, str, list[str]]]:
+    sections: list[tuple[str, str, list[str]]] = []
+    for line in text.split("\n"):
+        if line.startswith(SEP):
+            kind, _, arg = line[1:].partition(" ")
+            sections.append((kind, arg, []))
+        elif sections:
+            sections[-1][2].append(line)
+    return sections
+
+
+def _tails(lines: list[str]) -> dict[str, list[str]]:
+    tails: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in lines:
+        m = re.fullmatch(r"==> (.*) <==", line)
+        if m:
+            current = tails.setdefault(m.group(1), [])
+        elif current is not None:
+            current.append(line)
+    return {path: [x for x in (t.rsplit("\r", 1)[-1] for t in lines) if x.strip()] for path, lines in tails.items()}
+
+
+def _session_from_tmux(line: str) -> dict[str, str] | None:
+    fields = line.split("\t")
+    return dict(zip(tmux.FIELDS, fields, strict=True)) if len(fields) == len(tmux.FIELDS) else None
+
+
+def parse(host: Host, text: str) -> list[SessionState]:
+    """Turn one host's dump into session states (sessions without files are reported too)."""
+    now = 0.0
+    live: dict[str, dict[str, str]] = {}
+    states: list[SessionState] = []
+    files: dict[str, str] = {}
+    mtimes: dict[str, float] = {}
+    tails: dict[str, list[str]] = {}
+    manifests: list[tuple[str, dict[str, Any]]] = []
+    for kind, arg, lines in _sections(text):
+        if kind == "NOW":
+            now = float(arg)
+        elif kind == "TMUX":
+            for line in lines:
+                info = _session_from_tmux(line)
+                if info:
+                    live[info["session_name"]] = info
+        elif kind == "MANIFEST":
+            try:
+                manifests.append((arg, json.loads("\n".join(lines))))
+            except ValueError:
+                continue
+        elif kind == "FILE":
+            files[arg] = "\n".join(lines)
+        elif kind == "MTIMES":
+            for line in lines:
+                path, _, stamp = line.rpartition(" ")
+                if stamp.isdigit():
+                    mtimes[path] = float(stamp)
+        elif kind == "TAILS":
+            tails.update(_tails(lines))
+    seen: set[str] = set()
+    for directory, manifest in manifests:
+        for entry in manifest.get("sessions", []):
+            stem = entry["session"].removeprefix(f"{manifest['job']}-")
+            base = f"{directory}/{stem}"
+            state = _state(manifest, entry, live.get(entry["session"]), files.get(f"{base}.exit"),
+                           files.get(f"{base}.error.json"), now)
+            state.log = f"{base}.log"
+            tail = tails.get(state.log, [])
+            state.tail, state.last_line = tail, tail[-1] if tail else ""
+            if state.log in mtimes:
+                state.log_age = max(0.0, now - mtimes[state.log])
+            states.append(state)
+            seen.add(entry["session"])
+    for name, info in live.items():
+        if name not in seen:  # a tagged session whose files are gone: still ours, still running
+            states.append(SessionState(info["@fablaunch_job"], info["@fablaunch_mode"], host.spec, name,
+                                       _int(info["@fablaunch_rank"]), _int(info["@fablaunch_node"]), "running",
+                                       pid=_int(info["pane_pid"]), started=_float(info["session_created"])))
+    return states
+
+
+def _state(manifest: dict[str, Any], entry: dict[str, Any], live: dict[str, str] | None, exit_text: str | None,
+           error_text: str | None, now: float) -> SessionState:
+    mode = manifest["mode"]
+    state = SessionState(manifest["job"], mode, entry["host"], entry["session"],
+                         entry["rank"] if mode == "gpus" else None, entry["node"], "lost",
+                         launched=manifest.get("launched", ""))
+    record = _json(exit_text)
+    if error_text:
+        state.error = _json(error_text) or {"raw": error_text[:2000]}
+    if live:
+        state.pid = _int(live["pane_pid"])
+        state.started = _float(live["session_created"])
+    if record is not None and "exit_code" in record:
+        code = int(record["exit_code"])
+        state.started = state.started or float(record.get("start_time", 0)) or None
+        state.ended = float(record.get("end_time", 0)) or None
+        if code > 128:
+            state.state, state.signal, state.exit_code = "killed", code - 128, None
+        else:
+            state.state, state.exit_code = ("succeeded" if code == 0 else "failed"), code
+    elif live:
+        state.state = "running"
+    end = state.ended or (now if state.state == "running" else None)
+    if state.started and end:
+        state.runtime = max(0.0, end - state.started)
+    return state
+
+
+def error_message(error: dict[str, Any] | None) -> str:
+    """The one-line message of a TORCHELASTIC error file (`@record` writes a nested dict)."""
+    if not error:
+        return ""
+    message = error.get("message", error.get("raw", ""))
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    return str(message).strip().splitlines()[-1] if str(message).strip() else ""
+
+
+def first_failure(states: list[SessionState]) -> SessionState | None:
+    """The session that failed first across the whole job (by end time): usually the root cause."""
+    failed = [s for s in states if s.ended_badly]
+    return min(failed, key=lambda s: (s.ended or float("inf"), s.rank if s.rank is not None else s.node or 0),
+               default=None)
+
+
+def _json(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text and text.lstrip("-").isdigit() else None
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
