@@ -175,7 +175,7 @@ class Executor:
         from fabric import Connection
 
         for attempt in range(RETRIES):
-            conn = Connection(host.name, user=host.user, port=host.port, config=self.config)
+            conn = Connection(host.name.strip("[]"), user=host.user, port=host.port, config=self.config)
             try:
                 conn.open()
                 break

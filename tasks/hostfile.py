@@ -17,9 +17,10 @@ from .errors import UsageError
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1"})
 
-_METACHARACTERS = set(";|&$`'\"<>()\\*?[]{}!~^%,=")
+_METACHARACTERS = set(";|&$`'\"<>()\\*?{}!~^%,=")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]")
 _USER = re.compile(r"[A-Za-z0-9_.-]+")
+_LABEL = str.maketrans({":": "+", "[": "=", "]": "="})
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,12 @@ class Host:
 
     @property
     def label(self) -> str:
-        """The host spec as a safe file-name component (`:` is not portable in paths)."""
-        return self.spec.replace(":", "_").replace("[", "").replace("]", "")
+        """The host spec as a file-name component, one-to-one (`:` is not portable in paths).
+
+        The replacements are characters a host spec cannot contain, so two hosts never share a
+        label, and with it a job directory or a process marker.
+        """
+        return self.spec.translate(_LABEL)
 
 
 def parse_host(text: str, where: str) -> Host:
