@@ -1,0 +1,145 @@
+"""Fixtures for tests against a real cluster: fake hosts (sshd + tmux each) and the real `fab` CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import Cluster
+
+REPO = Path(__file__).resolve().parents[1]
+PAYLOADS = Path(__file__).resolve().parent / "payloads"
+FAB = shutil.which("fab") or "fab"
+# Separate ports let two test runs (or a test run and a benchmark) share this machine.
+SSH_PORT = int(os.environ.get("FABLAUNCH_TEST_SSH_PORT", "2222"))
+_master_ports = itertools.count(int(os.environ.get("FABLAUNCH_TEST_MASTER_PORT", "29400")))
+
+
+def master_port() -> int:
+    """A fresh MASTER_PORT per job, so a slow-to-close port never couples two tests."""
+    return next(_master_ports)
+
+
+def tagged_pids(job: str) -> list[int]:
+    """Processes of a job on any fake host, found through /proc by the test itself."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            data = environ.read_bytes()
+        except OSError:
+            continue
+        if any(v.startswith(f"FABLAUNCH_TAG={job}@".encode()) for v in data.split(b"\0")):
+            pids.append(int(environ.parent.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def live_pids(job: str) -> list[int]:
+    """Tagged processes that are still running (zombies waiting for a slow reaper do not count)."""
+    return [p for p in tagged_pids(job) if _alive(p)]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 60, interval: float = 0.2) -> object:
+    """Poll until predicate is truthy; fail the test with a clear message otherwise."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three fake hosts, node1..node3 on 127.0.0.11-13, with this test run's PATH."""
+    root = tmp_path_factory.mktemp("cl")
+    with Cluster(root, 3, port=SSH_PORT, env={"PATH": os.environ["PATH"]}) as c:
+        yield c
+
+
+class Fab:
+    """Runs the real `fab` CLI of this repo against the cluster, from a working directory."""
+
+    def __init__(self, cluster: Cluster, cwd: Path) -> None:
+        self.cluster = cluster
+        self.cwd = cwd
+        self.env = {**os.environ, "TMUX_TMPDIR": str(cwd / ".tmux-local"), "COLUMNS": "200"}
+        (cwd / ".tmux-local").mkdir(exist_ok=True)
+
+    def __call__(self, *args: str, timeout: float = 180, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = [FAB, "-r", str(REPO), "-S", str(self.cluster.ssh_config), *args]
+        return subprocess.run(cmd, cwd=cwd or self.cwd, env=self.env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+
+    def write(self, name: str, *lines: str) -> Path:
+        path = self.cwd / name
+        path.write_text("".join(f"{line}\n" for line in lines))
+        return path
+
+
+@pytest.fixture
+def fab(cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fab]:
+    """A `fab` runner in a fresh working directory holding copies of the test payloads.
+
+    Afterwards every process a test's jobs left behind is killed, so one failing test cannot leak
+    processes or sessions into the next.
+    """
+    for payload in PAYLOADS.glob("*.py"):
+        shutil.copy(payload, tmp_path)
+    runner = Fab(cluster, tmp_path)
+    yield runner
+    prefix = job_name(request, "")
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            tagged = f"FABLAUNCH_TAG={prefix}".encode() in environ.read_bytes()
+        except OSError:
+            continue
+        if tagged:
+            with contextlib.suppress(OSError):
+                os.kill(int(environ.parent.name), 9)
+    for name in cluster.names:
+        for line in cluster.tmux(name, "ls", "-F", "#{session_name}").stdout.split():
+            if line.startswith(prefix):
+                cluster.tmux(name, "kill-session", "-t", f"={line}:")
+
+
+def job_name(request: pytest.FixtureRequest, suffix: str = "") -> str:
+    """A job name unique to the running test (so concurrent jobs never share a name)."""
+    base = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:40].strip("-")
+    return f"t-{base}{suffix}"
+
+
+@pytest.fixture
+def job(request: pytest.FixtureRequest) -> str:
+    return job_name(request)
+
+
+def sessions(cluster: Cluster, prefix: str) -> dict[str, list[str]]:
+    """The tmux sessions whose names start with prefix, per fake host."""
+    found = {}
+    for name in cluster.names:
+        out = cluster.tmux(name, "ls", "-F", "#{session_name}").stdout.split()
+        found[name] = [s for s in out if s.startswith(prefix)]
+    return found
+
+
+def python() -> str:
+    return sys.executable
