@@ -37,6 +37,8 @@ COMMON_HELP = {
     "replace": "Stop a running job of the same name first instead of refusing.",
     "rollback": "On a failed or interrupted launch, stop what started on the other hosts (default on).",
     "dry_run": "Print each host's scripts and remote commands (secrets masked); touch no host.",
+    "wait": "After launching, show the job live until it ends and exit like `fab wait`.",
+    "follow": "After launching, stream every rank's output like `fab logs --follow`.",
 }
 
 
@@ -134,6 +136,27 @@ def _results_table(title: str, plan: Plan, outcomes: dict[str, Outcome], note: d
     ui.table(title, ("host", "sessions", "seconds", "result"), rows, styles)
 
 
+def launch_then(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool,
+                wait: bool, follow: bool) -> None:
+    """Launch, then optionally follow the logs and/or wait for the end, as the flags ask."""
+    plan = launch(c, mode, spec, replace, rollback_on_failure, dry)
+    if dry or not (wait or follow):
+        return
+    from .jobs import show_logs, wait_for
+
+    hosts = list(plan.hosts)
+    with Executor(c.config, spec.parallel) as ex:
+        if follow:
+            try:
+                show_logs(ex, hosts, plan.job, [], [], 50, True)
+            except KeyboardInterrupt:
+                if not wait:
+                    return
+        code = wait_for(c, ex, hosts, plan.job, None, False) if wait else 0
+    if code:
+        raise Exit(code=code)
+
+
 def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool) -> Plan:
     """Plan, check, launch and (on failure) roll back a job; raise Exit unless every session started."""
     plan, hostfile = _make_plan(c, mode, spec)
@@ -194,7 +217,7 @@ def _preflight(ex: Executor, plan: Plan, replace: bool) -> None:
     iterable=["env"],
 )
 def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
-                env=None, parallel=None, replace=False, rollback=True, dry_run=False):
+                env=None, parallel=None, replace=False, rollback=True, dry_run=False, wait=False, follow=False):
     """Start one tmux session per line of the gpus file, each a rank with the torchrun environment.
 
     Usage: fab launch-gpus [flags] -- train.py --your --args. Every rank gets RANK, LOCAL_RANK,
@@ -206,7 +229,7 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
                          master_addr=master_addr, parallel=parallel)
     except UsageError as exc:
         raise _fail(exc) from None
-    launch(c, "gpus", job_spec, replace, rollback, dry_run)
+    launch_then(c, "gpus", job_spec, replace, rollback, dry_run, wait, follow)
 
 
 @task(
@@ -220,7 +243,7 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
 )
 def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
                     env=None, parallel=None, nproc_per_node=None, max_restarts=None, replace=False, rollback=True,
-                    dry_run=False):
+                    dry_run=False, wait=False, follow=False):
     """Start torchrun on every node of the hosts file (one tmux session each), meeting at c10d rendezvous.
 
     Usage: fab launch-torchrun [flags] -- train.py --your --args. The first host serves the
@@ -232,4 +255,4 @@ def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=Non
                          nproc_per_node=nproc_per_node, max_restarts=max_restarts)
     except UsageError as exc:
         raise _fail(exc) from None
-    launch(c, "torchrun", job_spec, replace, rollback, dry_run)
+    launch_then(c, "torchrun", job_spec, replace, rollback, dry_run, wait, follow)

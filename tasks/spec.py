@@ -87,7 +87,10 @@ def read_spec(path: str) -> dict[str, Any]:
             wanted = " or ".join(_KIND_NAMES[k] for k in kinds)
             raise UsageError(f"{path}: key {key!r}", f"must be {wanted}, not {type(value).__name__}")
     if isinstance(data.get("command"), str):
-        data["command"] = shlex.split(data["command"])
+        try:
+            data["command"] = shlex.split(data["command"])
+        except ValueError as exc:
+            raise UsageError(f"{path}: key 'command'", f"cannot split into arguments: {exc}") from None
     for key in ("command", "torchrun_args"):
         for item in data.get(key, []):
             if not isinstance(item, (str, int, float)) or isinstance(item, bool):

@@ -104,7 +104,7 @@ def _tails(lines: list[str]) -> dict[str, list[str]]:
 
 
 def _session_from_tmux(line: str) -> dict[str, str] | None:
-    fields = line.split("\t")
+    fields = line.split(tmux.FIELD_SEP)
     return dict(zip(tmux.FIELDS, fields, strict=True)) if len(fields) == len(tmux.FIELDS) else None
 
 

@@ -11,10 +11,12 @@ import shlex
 
 from .plan import Plan, Session
 
-# Fields read back by `list_command`, in this order, tab-separated.
+# Fields read back by `list_command`, in this order. tmux prints a tab in a format as `_` when its
+# client has no terminal (as over ssh), so the separator is `|`, which job names and host specs never hold.
+FIELD_SEP = "|"
 FIELDS = ("session_name", "@fablaunch_job", "@fablaunch_mode", "@fablaunch_host", "@fablaunch_rank",
           "@fablaunch_node", "pane_pid", "session_created")
-LIST_FORMAT = "\t".join(f"#{{{f}}}" for f in FIELDS)
+LIST_FORMAT = FIELD_SEP.join(f"#{{{f}}}" for f in FIELDS)
 
 
 def target(session: str) -> str:

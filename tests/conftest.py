@@ -19,6 +19,7 @@ from tests.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[1]
 PAYLOADS = Path(__file__).resolve().parent / "payloads"
+JOBS = Path.home() / ".fablaunch" / "jobs"
 FAB = shutil.which("fab") or "fab"
 # Separate ports let two test runs (or a test run and a benchmark) share this machine.
 SSH_PORT = int(os.environ.get("FABLAUNCH_TEST_SSH_PORT", "2222"))
@@ -102,11 +103,14 @@ def fab(cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest) -> Ite
     Afterwards every process a test's jobs left behind is killed, so one failing test cannot leak
     processes or sessions into the next.
     """
+    prefix = job_name(request, "")
+    # Job files outlive jobs by design; a rerun on the same machine must not see the last run's files.
+    for old in JOBS.glob(f"{prefix}*"):
+        shutil.rmtree(old, ignore_errors=True)
     for payload in PAYLOADS.glob("*.py"):
         shutil.copy(payload, tmp_path)
     runner = Fab(cluster, tmp_path)
     yield runner
-    prefix = job_name(request, "")
     for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
             tagged = f"FABLAUNCH_TAG={prefix}".encode() in environ.read_bytes()

@@ -12,9 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import REPO, Fab, live_pids, master_port, sessions, wait_until
+from tests.conftest import JOBS, REPO, Fab, live_pids, master_port, sessions, wait_until
 
-JOBS = Path.home() / ".fablaunch" / "jobs"
 NASTY = ["a b", "'", '"', "$HOME", "`id`", "$(id)", "a;b", "x|y", "&&", "\\", "line\nbreak", "tab\there", "é",
          "日本語", "🚀", "-", "--flag=--", "", "*", "~", "#no comment", "%s", "{a,b}"]
 

@@ -1,0 +1,186 @@
+"""The `hosts` and `gpus` files: what they accept, and how they name what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tasks.errors import UsageError
+from tasks.hostfile import Host, parse_host, read_gpus, read_hosts
+
+
+def write(tmp_path: Path, text: str, name: str = "hosts") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- what is accepted -----------------------------------------------------------------------------
+
+
+def test_blank_lines_and_comments_are_ignored(tmp_path: Path) -> None:
+    path = write(tmp_path, "# cluster A\n\n   \nnode1   # the first node\n\t\n#node9\nnode2#trailing\n")
+    assert [h.spec for h in read_hosts(path)] == ["node1", "node2"]
+    assert [h.spec for h in read_gpus(path)] == ["node1", "node2"]
+
+
+def test_user_host_port_is_split_into_its_parts(tmp_path: Path) -> None:
+    [host] = read_hosts(write(tmp_path, "alice@node1.example.com:2222\n"))
+    assert host == Host(spec="alice@node1.example.com:2222", name="node1.example.com", user="alice", port=2222)
+
+
+def test_host_without_user_or_port_has_neither() -> None:
+    host = parse_host("node1", "here")
+    assert (host.name, host.user, host.port, host.slots) == ("node1", None, None, None)
+
+
+@pytest.mark.parametrize("alias", ["gpu-box", "node_7", "trainer.lab", "10.0.0.5", "A1"])
+def test_ssh_config_aliases_are_accepted_as_written(tmp_path: Path, alias: str) -> None:
+    [host] = read_gpus(write(tmp_path, f"{alias}\n", "gpus"))
+    assert host.spec == host.name == alias
+
+
+def test_slots_on_a_hosts_line_is_the_gpu_count(tmp_path: Path) -> None:
+    hosts = read_hosts(write(tmp_path, "node1 slots=8\nbob@node2:22   slots=4  # comment\nnode3\n"))
+    assert [(h.spec, h.slots) for h in hosts] == [("node1", 8), ("bob@node2:22", 4), ("node3", None)]
+    assert (hosts[1].name, hosts[1].user, hosts[1].port) == ("node2", "bob", 22)
+
+
+def test_gpus_file_keeps_repeated_non_adjacent_hosts_in_order(tmp_path: Path) -> None:
+    path = write(tmp_path, "a\nb\n# gap\na\nc\n\nb\na\n", "gpus")
+    assert [h.spec for h in read_gpus(path)] == ["a", "b", "a", "c", "b", "a"]
+
+
+def test_is_local_for_localhost_and_loopback_without_a_port() -> None:
+    assert parse_host("localhost", "x").is_local
+    assert parse_host("127.0.0.1", "x").is_local
+    assert parse_host("me@localhost", "x").is_local
+    assert not parse_host("localhost:2222", "x").is_local
+    assert not parse_host("127.0.0.1:22", "x").is_local
+    assert not parse_host("node1", "x").is_local
+
+
+@pytest.mark.parametrize("spec", ["node1:2222", "u@node1:22", "10.0.0.1:22", "node1", "[fe80::1]:22", "[::1]"])
+def test_label_is_a_safe_path_component(spec: str) -> None:
+    label = parse_host(spec, "x").label
+    assert label
+    assert not set(label) & set(":/[] ")
+
+
+def test_bracketed_ipv6_host_with_port_is_parsed() -> None:
+    host = parse_host("u@[fe80::1]:2222", "x")
+    assert (host.user, host.name, host.port) == ("u", "[fe80::1]", 2222)
+    assert parse_host("[::1]", "x").port is None
+
+
+def test_hosts_that_differ_only_in_port_separator_have_distinct_labels() -> None:
+    # Regression: ':' used to become '_', so these two hosts shared a job directory and process marker.
+    assert parse_host("node1:2222", "x").label != parse_host("node1_2222", "x").label
+
+
+_specs = st.builds(
+    lambda user, name, port: f"{user + '@' if user else ''}{name}{':' + str(port) if port else ''}",
+    st.one_of(st.none(), st.from_regex(r"[a-z_][a-z0-9_.-]{0,4}", fullmatch=True)),
+    st.one_of(st.from_regex(r"[a-z0-9_][a-z0-9_.-]{0,6}", fullmatch=True),
+              st.from_regex(r"\[[0-9a-f]{0,4}::[0-9a-f:]{0,6}\]", fullmatch=True)),
+    st.one_of(st.none(), st.integers(1, 65535)),
+)
+
+
+@given(_specs, _specs)
+def test_label_is_one_to_one(a: str, b: str) -> None:
+    ha, hb = parse_host(a, "x"), parse_host(b, "x")
+    assert (ha.label == hb.label) == (ha.spec == hb.spec)
+    assert ":" not in ha.label
+    assert "/" not in ha.label
+
+
+# --- what is rejected, and where --------------------------------------------------------------------
+
+
+def raises_at(where: str, *words: str, call) -> str:
+    with pytest.raises(UsageError) as info:
+        call()
+    message = str(info.value)
+    assert where in message
+    for word in words:
+        assert word in message
+    return message
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "nope"
+    raises_at(str(path), "no such file", call=lambda: read_hosts(path))
+    raises_at(str(path), "no such file", call=lambda: read_gpus(path))
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n   # another\n\n"])
+def test_empty_or_comment_only_file_is_an_error(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    raises_at(str(path), "no hosts listed", call=lambda: read_hosts(path))
+    raises_at(str(path), "no hosts listed", call=lambda: read_gpus(path))
+
+
+def test_whitespace_inside_a_host_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "# header\nnode1\nnode 2\n", "gpus")
+    raises_at(f"{path}:3", "whitespace", call=lambda: read_gpus(path))
+
+
+def test_extra_words_on_a_hosts_line_are_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "node1 slots=2 extra\n")
+    raises_at(f"{path}:1", "whitespace", call=lambda: read_hosts(path))
+
+
+@pytest.mark.parametrize("char", list(";|&$`'\"<>()"))
+def test_each_shell_metacharacter_is_rejected_with_its_line(tmp_path: Path, char: str) -> None:
+    path = write(tmp_path, f"ok1\nok2\nno{char}de\n", "gpus")
+    message = raises_at(f"{path}:3", "metacharacter", call=lambda: read_gpus(path))
+    assert char in message.split("metacharacter", 1)[1]
+    with pytest.raises(UsageError):
+        read_hosts(path)
+
+
+def test_a_host_listed_twice_in_hosts_names_both_lines(tmp_path: Path) -> None:
+    path = write(tmp_path, "node1\n# x\nnode2\nnode1 slots=4\n")
+    message = raises_at(f"{path}:4", "twice", call=lambda: read_hosts(path))
+    assert f"{path}:1" in message
+
+
+def test_a_host_listed_twice_in_gpus_is_fine(tmp_path: Path) -> None:
+    assert len(read_gpus(write(tmp_path, "node1\nnode1\n", "gpus"))) == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x", "", "1.5"])
+def test_slots_must_be_a_positive_integer(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"node0\nnode1 slots={value}\n")
+    raises_at(f"{path}:2", "slots", repr(value), call=lambda: read_hosts(path))
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "65536", "abc", "", "-1"])
+def test_bad_port_is_rejected(tmp_path: Path, port: str) -> None:
+    path = write(tmp_path, f"\nnode1:{port}\n", "gpus")
+    raises_at(f"{path}:2", "port", call=lambda: read_gpus(path))
+
+
+@pytest.mark.parametrize("port", ["1", "22", "65535"])
+def test_port_range_edges_are_accepted(port: str) -> None:
+    assert parse_host(f"node1:{port}", "x").port == int(port)
+
+
+@pytest.mark.parametrize("text", ["-oProxyCommand=x", ".hidden", "bad user@host", "us/er@host", "a/b"])
+def test_option_like_or_malformed_hosts_are_rejected(text: str) -> None:
+    with pytest.raises(UsageError, match="where"):
+        parse_host(text, "where")
+
+
+@given(st.lists(st.sampled_from(["a", "b", "u@c", "d:2200", "10.1.1.1"]), min_size=1, max_size=30))
+def test_gpus_file_round_trips_any_order(specs: list[str]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "gpus"
+        path.write_text("".join(f"{s}  # rank {i}\n\n" for i, s in enumerate(specs)), encoding="utf-8")
+        assert [h.spec for h in read_gpus(path)] == specs
