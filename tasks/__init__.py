@@ -2,9 +2,9 @@
 
 from invoke import Collection
 
-from .jobs import attach, logs, status, stop, wait
+from .jobs import attach, errors_, logs, status, stop, wait
 from .launch import launch_gpus, launch_torchrun
 
 __version__ = "0.1.0"
 
-ns = Collection(launch_gpus, launch_torchrun, status, logs, attach, stop, wait)
+ns = Collection(launch_gpus, launch_torchrun, status, logs, attach, stop, wait, errors_)

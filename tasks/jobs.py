@@ -18,9 +18,10 @@ from typing import Any
 
 from invoke import Exit, task
 
-from . import records, survey, ui
+from . import failures, records, survey, ui
 from .errors import UsageError
 from .executor import Executor, Outcome
+from .flags import int_flag, parallel_flag, seconds_flag, usage_errors
 from .hostfile import Host, parse_host, read_gpus, read_hosts
 from .scripts import kill_payload, sh
 from .spec import DEFAULT_PARALLEL, check_job_name
@@ -59,38 +60,8 @@ def targets(job: str | None, hosts: str | None, gpus: str | None) -> list[Host]:
     return list(found.values())
 
 
-def _usage(fn: Any) -> Any:
-    """Turn UsageError into exit code 2 with the message, for every task below."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UsageError as exc:
-            raise Exit(f"fablaunch: {exc}", code=2) from None
-
-    wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = fn.__name__, fn.__doc__, fn  # type: ignore[attr-defined]
-    return wrapper
-
-
-def _int(value: Any, flag: str, default: int | None = None) -> int | None:
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(flag, f"{value!r} is not an integer") from None
-
-
-def _float(value: Any, flag: str, default: float | None = None) -> float | None:
-    if value is None:
-        return default
-    try:
-        result = float(value)
-    except ValueError:
-        raise UsageError(flag, f"{value!r} is not a number") from None
-    if result < 0:
-        raise UsageError(flag, f"must not be negative, not {value}")
-    return result
+# Kept for code written against the old private names.
+_usage = usage_errors
 
 
 class Survey:
@@ -184,6 +155,9 @@ def summary(job: str, states: list[SessionState]) -> list[str]:
         return [line]
     lines = [f"{line}; first failure: {who(first)} on {first.host} ({describe_end(first)})"]
     message = survey.error_message(first.error)
+    root = failures.first(failures.collect(states))
+    if root and root.kind == "worker":  # torchrun: the worker's own exception, not its agent's echo
+        message = f"{root.who} on {root.host}: {failures.describe(root)}"
     if message:
         lines.append(f"  error: {message}")
     lines += [f"  | {t}" for t in first.tail]
@@ -203,7 +177,7 @@ def report(result: Survey) -> None:
 
 
 @task(help={**TARGET_HELP, "json": "Print a JSON list, one object per session, instead of tables."})
-@_usage
+@usage_errors
 def status(c, job=None, hosts=None, gpus=None, json_=False, parallel=None):
     """Show every session of a job (or of all jobs): state, exit code or signal, run time, last log line.
 
@@ -211,7 +185,7 @@ def status(c, job=None, hosts=None, gpus=None, json_=False, parallel=None):
     record), unknown (host unreachable). Names the first rank to fail, with its log tail and error.
     """
     host_list = targets(job, hosts, gpus)
-    with Executor(c.config, _int(parallel, "--parallel", DEFAULT_PARALLEL) or 1) as ex:
+    with Executor(c.config, parallel_flag(parallel)) as ex:
         result = take_survey(ex, host_list, job)
     if json_:
         print(json.dumps([s.as_json() for s in sorted(result.states, key=_order)], indent=2))
@@ -324,7 +298,7 @@ def show_logs(ex: Executor, hosts: list[Host], job: str, ranks: list[int], only_
           "follow": "Keep streaming from every host until Ctrl-C or the job ends."},
     iterable=["rank", "host"],
 )
-@_usage
+@usage_errors
 def logs(c, job=None, rank=None, host=None, tail=None, follow=False, hosts=None, gpus=None, parallel=None):
     """Print the ranks' output, each line prefixed with host and rank, from the per-rank log files.
 
@@ -332,18 +306,18 @@ def logs(c, job=None, rank=None, host=None, tail=None, follow=False, hosts=None,
     and after `fab stop`: logs are files on the hosts, not tmux scrollback.
     """
     host_list = targets(job, hosts, gpus)
-    ranks = [_int(r, "--rank") for r in rank or []]
-    with Executor(c.config, _int(parallel, "--parallel", DEFAULT_PARALLEL) or 1) as ex, \
+    ranks = [int_flag(r, "--rank") for r in rank or []]
+    with Executor(c.config, parallel_flag(parallel)) as ex, \
             contextlib.suppress(KeyboardInterrupt):
         show_logs(ex, host_list, job or latest_job(ex, host_list), ranks, list(host or []),
-                  _int(tail, "--tail", 50) or 0, follow)
+                  int_flag(tail, "--tail", 50) or 0, follow)
 
 
 @task(help={"job": "Job name (default: the job launched last from here).",
             "rank": "Attach to this rank's session (per-GPU jobs) or node's (torchrun jobs).",
             "host": "Attach to the first session of the job on this host.",
             "hosts": TARGET_HELP["hosts"], "gpus": TARGET_HELP["gpus"]})
-@_usage
+@usage_errors
 def attach(c, rank=None, host=None, job=None, hosts=None, gpus=None):
     """Open an interactive terminal in one session of a job (tmux attach over ssh -t; detach with C-b d).
 
@@ -351,7 +325,7 @@ def attach(c, rank=None, host=None, job=None, hosts=None, gpus=None):
     """
     if rank is None and host is None:
         raise UsageError("--rank/--host", "say which session: --rank N or --host HOST")
-    number = _int(rank, "--rank")
+    number = int_flag(rank, "--rank")
     host_list = targets(job, hosts, gpus)
     with Executor(c.config, DEFAULT_PARALLEL) as ex:
         job = job or latest_job(ex, host_list)
@@ -404,7 +378,7 @@ def stop_job(ex: Executor, hosts: list[Host], job: str | None, grace: float) -> 
 
 @task(help={**TARGET_HELP, "job": "Job name (default: every job of this project on the hosts).",
             "grace": "Seconds between SIGINT and SIGTERM, for training code to save (default 10)."})
-@_usage
+@usage_errors
 def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None):
     """Stop a job everywhere: SIGINT, then SIGTERM and SIGKILL to every process of it, then its sessions.
 
@@ -413,8 +387,8 @@ def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None):
     and error files are kept. Exits 1 if a process survived or a host was unreachable.
     """
     host_list = targets(job, hosts, gpus)
-    grace_s = _float(grace, "--grace", 10.0) or 0.0
-    with Executor(c.config, _int(parallel, "--parallel", DEFAULT_PARALLEL) or 1) as ex:
+    grace_s = seconds_flag(grace, "--grace", 10.0) or 0.0
+    with Executor(c.config, parallel_flag(parallel)) as ex:
         rows, bad = stop_job(ex, host_list, job, grace_s)
     if all(r[-1] == "nothing to stop" for r in rows):
         ui.say(f"Nothing to stop{f' for job {job}' if job else ''} on {len(rows)} hosts.")
@@ -474,15 +448,38 @@ def wait_for(c: Any, ex: Executor, hosts: list[Host], job: str, timeout: float |
             "timeout": "Give up after this many seconds with exit code 124, leaving the job running.",
             "fail_fast": "As soon as one rank fails, stop the rest instead of waiting out NCCL timeouts.",
             "hosts": TARGET_HELP["hosts"], "gpus": TARGET_HELP["gpus"], "parallel": TARGET_HELP["parallel"]})
-@_usage
+@usage_errors
 def wait(c, job=None, timeout=None, fail_fast=False, hosts=None, gpus=None, parallel=None):
     """Show a job live until every rank has ended; exit 0 if all succeeded, else the first failure's code.
 
     A rank killed by a signal gives 1; --timeout gives 124.
     """
     host_list = targets(job, hosts, gpus)
-    with Executor(c.config, _int(parallel, "--parallel", DEFAULT_PARALLEL) or 1) as ex:
+    with Executor(c.config, parallel_flag(parallel)) as ex:
         name = job or latest_job(ex, host_list)
-        code = wait_for(c, ex, host_list, name, _float(timeout, "--timeout"), fail_fast)
+        code = wait_for(c, ex, host_list, name, seconds_flag(timeout, "--timeout"), fail_fast)
     if code:
         raise Exit(code=code)
+
+
+@task(name="errors", help={**TARGET_HELP, "job": "Job name (default: the job launched last from here).",
+                           "json": "Print JSON: the job, its first failure and every failure in time order."})
+@usage_errors
+def errors_(c, job=None, json_=False, hosts=None, gpus=None, parallel=None):
+    """Show a job's failures in time order: the first in full with its traceback, then one line per other.
+
+    Reads every rank's TORCHELASTIC error file (and torchrun's per-worker ones) and exit record on the
+    hosts. The first failure of training code is usually the root cause; later ones are its echoes.
+    Exits 1 if a host could not be asked (its failures are missing).
+    """
+    host_list = targets(job, hosts, gpus)
+    with Executor(c.config, parallel_flag(parallel)) as ex:
+        name = job or latest_job(ex, host_list)
+        result = take_survey(ex, host_list, name)
+    found = failures.collect([s for s in result.states if s.job == name])
+    if json_:
+        print(failures.as_json(name, found))
+    else:
+        failures.report(name, found)
+    if result.unreachable:
+        raise Exit(f"fablaunch: unreachable, failures there unknown: {', '.join(result.unreachable)}", code=1)

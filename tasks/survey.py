@@ -24,6 +24,17 @@ TAIL_LINES = 5
 
 
 @dataclass
+class WorkerError:
+    """A TORCHELASTIC error file one torchrun worker wrote (its traceback under `@record`)."""
+
+    local_rank: int | None
+    attempt: int | None
+    path: str
+    mtime: float | None
+    error: dict[str, Any]
+
+
+@dataclass
 class SessionState:
     """What one session of a job is doing, as `fab status` and `--json` report it."""
 
@@ -45,16 +56,26 @@ class SessionState:
     log_age: float | None = None
     tail: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
+    error_time: float | None = None
     launched: str = ""
+    # torchrun mode: the error files torchrun's workers left (local_rank, attempt, path, mtime, content).
+    worker_errors: list[WorkerError] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("tail")
+        data.pop("worker_errors")
         return data
 
     @property
     def ended_badly(self) -> bool:
         return self.state in ("failed", "killed")
+
+    @property
+    def failed_at(self) -> float | None:
+        """When it failed: its error file is written at the exception, before a slow exit."""
+        times = [t for t in (self.error_time, self.ended) if t]
+        return min(times) if times else None
 
 
 def payload(host: Host, job: str | None) -> str:
@@ -68,12 +89,16 @@ def payload(host: Host, job: str | None) -> str:
         f"for m in {glob}; do",
         '  [ -f "$m" ] || continue',
         '  d=${m%/manifest.json}',
-        '  printf "%sMANIFEST %s\\n" "$sep" "$d"; cat "$m"',
+        '  printf "%sMANIFEST %s\\n" "$sep" "$d"; cat "$m"; echo',
         '  set -- "$d"/*.exit "$d"/*.error.json',
         '  [ -e "$1" ] || shift',
         '  awk -v s="$sep" \'FNR==1{print s "FILE " FILENAME} {print}\' "$@" 2>/dev/null </dev/null',
         '  printf "%sMTIMES\\n" "$sep"; stat -c "%n %Y" "$d"/*.log 2>/dev/null',
         f'  printf "%sTAILS\\n" "$sep"; tail -v -n {TAIL_LINES} "$d"/*.log 2>/dev/null',
+        "  # torchrun's workers write their own error files under the node's --log-dir.",
+        '  printf "%sERRTIMES\\n" "$sep"; find "$d" -name "*error.json" -printf "%p %T@\\n"',
+        '  find "$d" -path "*.torchrun/*" -name error.json -exec awk -v s="$sep" '
+        '\'FNR==1{print s "FILE " FILENAME} {print}\' {} + </dev/null',
         "done",
         "exit 0",
         "",
@@ -115,6 +140,7 @@ def parse(host: Host, text: str) -> list[SessionState]:
     states: list[SessionState] = []
     files: dict[str, str] = {}
     mtimes: dict[str, float] = {}
+    error_times: dict[str, float] = {}
     tails: dict[str, list[str]] = {}
     manifests: list[tuple[str, dict[str, Any]]] = []
     for kind, arg, lines in _sections(text):
@@ -137,6 +163,11 @@ def parse(host: Host, text: str) -> list[SessionState]:
                 path, _, stamp = line.rpartition(" ")
                 if stamp.isdigit():
                     mtimes[path] = float(stamp)
+        elif kind == "ERRTIMES":
+            for line in lines:
+                path, _, stamp = line.rpartition(" ")
+                if path and _float(stamp) is not None:
+                    error_times[path] = float(stamp)
         elif kind == "TAILS":
             tails.update(_tails(lines))
     seen: set[str] = set()
@@ -147,6 +178,8 @@ def parse(host: Host, text: str) -> list[SessionState]:
             state = _state(manifest, entry, live.get(entry["session"]), files.get(f"{base}.exit"),
                            files.get(f"{base}.error.json"), now)
             state.log = f"{base}.log"
+            state.worker_errors = _worker_errors(f"{base}.torchrun/", files, error_times)
+            state.error_time = error_times.get(f"{base}.error.json") if state.error else None
             tail = tails.get(state.log, [])
             state.tail, state.last_line = tail, tail[-1] if tail else ""
             if state.log in mtimes:
@@ -189,6 +222,19 @@ def _state(manifest: dict[str, Any], entry: dict[str, Any], live: dict[str, str]
     return state
 
 
+def _worker_errors(prefix: str, files: dict[str, str], times: dict[str, float]) -> list[WorkerError]:
+    """Error files under a node's torchrun log dir: <run>/attempt_<A>/<local rank>/error.json."""
+    found = []
+    for path, text in files.items():
+        if not path.startswith(prefix):
+            continue
+        parts = path[len(prefix):].split("/")
+        local = _int(parts[-2]) if len(parts) >= 2 else None
+        attempt = _int(parts[-3].removeprefix("attempt_")) if len(parts) >= 3 else None
+        found.append(WorkerError(local, attempt, path, times.get(path), _json(text) or {"raw": text[:2000]}))
+    return sorted(found, key=lambda w: (w.mtime or 0, w.path))
+
+
 def error_message(error: dict[str, Any] | None) -> str:
     """The one-line message of a TORCHELASTIC error file (`@record` writes a nested dict)."""
     if not error:
@@ -202,7 +248,7 @@ def error_message(error: dict[str, Any] | None) -> str:
 def first_failure(states: list[SessionState]) -> SessionState | None:
     """The session that failed first across the whole job (by end time): usually the root cause."""
     failed = [s for s in states if s.ended_badly]
-    return min(failed, key=lambda s: (s.ended or float("inf"), s.rank if s.rank is not None else s.node or 0),
+    return min(failed, key=lambda s: (s.failed_at or float("inf"), s.rank if s.rank is not None else s.node or 0),
                default=None)
 
 

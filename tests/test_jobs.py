@@ -354,3 +354,27 @@ def test_launch_with_follow_streams_every_rank_until_the_job_ends(fab: Fab, job:
         ("node1 rank 0", "rank 0 on node1 does exit 0"),
         ("node2 rank 1", "rank 1 on node2 does exit 0"),
     ]
+
+
+# --- errors: the first failure is the root cause -------------------------------------------------------------
+
+
+def test_errors_shows_the_first_failure_with_its_exception_and_traceback(fab: Fab, job: str) -> None:
+    fab.write("gpus", "node1", "node2", "node1")
+    # Rank 0 fails only once rank 2's error file exists, so rank 2 is first by construction.
+    rank2_error = job_log(job, "node1", "rank-2").with_suffix(".error.json")
+    launch_gpus(fab, job, "0=exit:1", "1=sleep", "2=raise:boom",
+                env=(f"AFTER_0={rank2_error}", "DELAY_0=1", "DELAY_2=0"))
+    wait_until(lambda: count_state(fab, job, ENDED) == 2, timeout=60, interval=0.5)
+
+    shown = ok(fab("errors", "--job", job))
+    assert "first: rank 2 on node1" in output(shown)
+    assert "ValueError: boom" in output(shown) and 'raise ValueError(arg)' in output(shown)
+    assert re.search(r"node1 . rank 0 . exit 1 \(no error file\)", output(shown)), output(shown)
+
+    data = json.loads(ok(fab("errors", "--job", job, "--json")).stdout)
+    assert (data["first"]["rank"], data["first"]["host"], data["first"]["exc_type"], data["first"]["message"]) == (
+        2, "node1", "ValueError", "boom")
+    assert [(f["rank"], f["kind"]) for f in data["failures"]] == [(2, "rank"), (0, "rank")]
+    assert data["failures"][0]["time"] < data["failures"][1]["time"]
+    assert "first failure: rank 2 " in output(ok(fab("status", "--job", job)))

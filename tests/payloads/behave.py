@@ -1,7 +1,8 @@
 """A rank whose fate is chosen by its RANK: `behave.py 0=exit:0 1=exit:3 2=kill 3=sleep`, after a delay each.
 
 Also `spawn` (children, one of them setsid'd and deaf to SIGINT/SIGTERM) and `raise:MSG` (an exception
-under @record, so the rank leaves a TORCHELASTIC error file).
+under @record, so the rank leaves a TORCHELASTIC error file). `AFTER_<rank>=PATH` makes a rank wait
+for a file before it acts, which orders ranks without guessing at timings.
 """
 
 import os
@@ -17,6 +18,9 @@ action, _, arg = plan.get(rank, plan.get("*", "sleep")).partition(":")
 
 def main() -> None:
     print(f"rank {rank} on {os.environ.get('FABLAUNCH_HOST')} does {action} {arg}", flush=True)
+    after = os.environ.get("AFTER_" + rank)  # act only once this file exists: orders ranks without timing
+    while after and not os.path.exists(after):
+        time.sleep(0.1)
     if action == "exit":
         time.sleep(float(os.environ.get("DELAY_" + rank, "1")))
         sys.exit(int(arg))
