@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
 from tests.cluster import Cluster
-
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("tmux") or not os.path.exists("/usr/sbin/sshd"),
-    reason="needs root, tmux and openssh-server",
-)
+from tests.conftest import SSH_PORT
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Two fake hosts on port 2299, apart from other test clusters on 2222."""
-    with Cluster(tmp_path_factory.mktemp("cluster"), 2, port=2299) as c:
+    """Two fake hosts on the port after the shared test cluster's, so the two never collide."""
+    with Cluster(tmp_path_factory.mktemp("cluster"), 2, port=SSH_PORT + 1) as c:
         yield c
 
 
@@ -29,7 +23,7 @@ def test_each_alias_reaches_its_own_address(cluster: Cluster) -> None:
         result = cluster.ssh(name, "echo $SSH_CONNECTION")
         assert result.returncode == 0, result.stderr
         # SSH_CONNECTION = client_ip client_port server_ip server_port
-        assert result.stdout.split()[2:] == [address, "2299"]
+        assert result.stdout.split()[2:] == [address, str(SSH_PORT + 1)]
 
 
 def test_each_host_has_its_own_tmux_server(cluster: Cluster) -> None:
@@ -56,7 +50,7 @@ def test_stopped_host_refuses_ssh_until_started_again(cluster: Cluster) -> None:
 
 
 def test_stop_is_idempotent_and_leaves_nothing_listening(tmp_path_factory: pytest.TempPathFactory) -> None:
-    c = Cluster(tmp_path_factory.mktemp("short"), 1, port=2299, base=21).start()
+    c = Cluster(tmp_path_factory.mktemp("short"), 1, port=SSH_PORT + 1, base=21).start()
     assert c.ssh("node1", "tmux new-session -d -s s sleep 60").returncode == 0
     c.stop()
     c.stop()
