@@ -155,16 +155,21 @@ class Executor:
         assert proc.stdin and proc.stdout and proc.stderr
         proc.stdin.write(_bytes(stdin))
         proc.stdin.close()
+        # stderr drains in a thread so a chatty command cannot block on a full pipe while stdout streams.
+        err: list[bytes] = []
+        drain = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+        drain.start()
         chunks = []
         try:
             for line in iter(proc.stdout.readline, b""):
                 on_output(_text(line))
                 chunks.append(line)
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-        err = proc.stderr.read()
-        return proc.wait(), _text(b"".join(chunks)), _text(err)
+        except BaseException:  # Ctrl-C while following: the local command must not outlive us
+            proc.terminate()
+            raise
+        code = proc.wait()
+        drain.join()
+        return code, _text(b"".join(chunks)), _text(b"".join(err))
 
     def connection(self, host: Host) -> Any:
         """The host's open connection, made (with retries) on first use."""

@@ -36,6 +36,8 @@ COMMON_HELP = {
     "parallel": "Hosts contacted at once (default 32).",
     "replace": "Stop a running job of the same name first instead of refusing.",
     "rollback": "On a failed or interrupted launch, stop what started on the other hosts (default on).",
+    "preflight": "Check every host first: reachable, interpreter, working directory, MASTER_PORT free on the "
+                 "first host, no running job of this name (default on).",
     "dry_run": "Print each host's scripts and remote commands (secrets masked); touch no host.",
     "wait": "After launching, show the job live until it ends and exit like `fab wait`.",
     "follow": "After launching, stream every rank's output like `fab logs --follow`.",
@@ -137,9 +139,9 @@ def _results_table(title: str, plan: Plan, outcomes: dict[str, Outcome], note: d
 
 
 def launch_then(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool,
-                wait: bool, follow: bool) -> None:
+                wait: bool, follow: bool, preflight: bool = True) -> None:
     """Launch, then optionally follow the logs and/or wait for the end, as the flags ask."""
-    plan = launch(c, mode, spec, replace, rollback_on_failure, dry)
+    plan = launch(c, mode, spec, replace, rollback_on_failure, dry, preflight)
     if dry or not (wait or follow):
         return
     from .jobs import show_logs, wait_for
@@ -157,8 +159,13 @@ def launch_then(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_fai
         raise Exit(code=code)
 
 
-def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool) -> Plan:
-    """Plan, check, launch and (on failure) roll back a job; raise Exit unless every session started."""
+def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool,
+           preflight: bool = True) -> Plan:
+    """Plan, check, launch and (on failure) roll back a job; raise Exit unless every session started.
+
+    Without `preflight` the hosts are not checked first (the launch payload still refuses a host
+    without tmux or the working directory, and rolls the rest back); `replace` still stops an old job.
+    """
     plan, hostfile = _make_plan(c, mode, spec)
     launched = datetime.now().astimezone().isoformat(timespec="seconds")
     if dry:
@@ -166,7 +173,10 @@ def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure:
         return plan
     with Executor(c.config, spec.parallel) as ex:
         try:
-            _preflight(ex, plan, replace)
+            if preflight:
+                _preflight(ex, plan, replace)
+            elif replace:
+                _stop_running(ex, plan)
             with ui.progress(f"launching {plan.job}", len(plan.hosts)) as advance:
                 outcomes = ex.run({h: (REMOTE_SHELL, launch_payload(plan, plan.on(h), launched)) for h in plan.hosts},
                                   on_done=advance)
@@ -192,24 +202,44 @@ def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure:
 
 
 def _preflight(ex: Executor, plan: Plan, replace: bool) -> None:
-    """Check every host before any rank starts anywhere; stop an old job first with --replace."""
+    """Check every host before any rank starts anywhere; stop an old job first with --replace.
+
+    The fast subset of `fab doctor`: reachable, tmux, working directory, interpreter, MASTER_PORT free
+    on the master (only there: the other hosts never bind it) and no job of this name. With --replace
+    the old job may be what holds the port, so the master's port is checked once it is stopped.
+    """
     python = _python_to_check(plan)
-    outcomes = ex.run({h: (REMOTE_SHELL, preflight_payload(plan, python)) for h in plan.hosts})
-    bad = {s: o for s, o in outcomes.items() if not o.ok}
-    if bad:
-        _results_table(f"Preflight of {plan.job} failed: nothing was launched", plan, outcomes)
-        raise Exit(f"fablaunch: {len(bad)} of {len(plan.hosts)} hosts cannot run job {plan.job}; nothing was launched",
-                   code=1)
+    master = plan.hosts[0]
+    outcomes = ex.run({h: (REMOTE_SHELL, preflight_payload(plan, python, check_port=h == master and not replace))
+                       for h in plan.hosts})
+    _refuse_failed(plan, outcomes)
     running = [h for h in plan.hosts if "exists:" in outcomes[h.spec].stdout]
     if running and not replace:
         names = ", ".join(h.spec for h in running)
         raise Exit(f"fablaunch: job {plan.job} is already running on {names}; "
                    "stop it, pick another --job, or pass --replace. Nothing was launched.", code=2)
     if running:
-        stopped = rollback(ex, plan, list(plan.hosts))
-        left = [s for s, o in stopped.items() if not o.ok or " left=0 " not in o.stdout]
-        if left:
-            raise Exit(f"fablaunch: could not stop the running job {plan.job} on {', '.join(left)}", code=1)
+        _stop_running(ex, plan)
+    if replace:
+        again = ex.run({master: (REMOTE_SHELL, preflight_payload(plan, python, check_port=True))})
+        _refuse_failed(plan, {**outcomes, **again})
+
+
+def _refuse_failed(plan: Plan, outcomes: dict[str, Outcome]) -> None:
+    """Show the preflight's results and exit 1 if any host failed it."""
+    bad = {s: o for s, o in outcomes.items() if not o.ok}
+    if bad:
+        _results_table(f"Preflight of {plan.job} failed: nothing was launched", plan, outcomes)
+        raise Exit(f"fablaunch: {len(bad)} of {len(plan.hosts)} hosts cannot run job {plan.job}; nothing was launched",
+                   code=1)
+
+
+def _stop_running(ex: Executor, plan: Plan) -> None:
+    """Stop the running job of this name everywhere (--replace); exit 1 unless verified gone."""
+    stopped = rollback(ex, plan, list(plan.hosts))
+    left = [s for s, o in stopped.items() if not o.ok or " left=0 " not in o.stdout]
+    if left:
+        raise Exit(f"fablaunch: could not stop the running job {plan.job} on {', '.join(left)}", code=1)
 
 
 @task(
@@ -217,7 +247,8 @@ def _preflight(ex: Executor, plan: Plan, replace: bool) -> None:
     iterable=["env"],
 )
 def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
-                env=None, parallel=None, replace=False, rollback=True, dry_run=False, wait=False, follow=False):
+                env=None, parallel=None, replace=False, rollback=True, dry_run=False, wait=False, follow=False,
+                preflight=True):
     """Start one tmux session per line of the gpus file, each a rank with the torchrun environment.
 
     Usage: fab launch-gpus [flags] -- train.py --your --args. Every rank gets RANK, LOCAL_RANK,
@@ -229,7 +260,7 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
                          master_addr=master_addr, parallel=parallel)
     except UsageError as exc:
         raise _fail(exc) from None
-    launch_then(c, "gpus", job_spec, replace, rollback, dry_run, wait, follow)
+    launch_then(c, "gpus", job_spec, replace, rollback, dry_run, wait, follow, preflight)
 
 
 @task(
@@ -243,7 +274,7 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
 )
 def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
                     env=None, parallel=None, nproc_per_node=None, max_restarts=None, replace=False, rollback=True,
-                    dry_run=False, wait=False, follow=False):
+                    dry_run=False, wait=False, follow=False, preflight=True):
     """Start torchrun on every node of the hosts file (one tmux session each), meeting at c10d rendezvous.
 
     Usage: fab launch-torchrun [flags] -- train.py --your --args. The first host serves the
@@ -255,4 +286,4 @@ def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=Non
                          nproc_per_node=nproc_per_node, max_restarts=max_restarts)
     except UsageError as exc:
         raise _fail(exc) from None
-    launch_then(c, "torchrun", job_spec, replace, rollback, dry_run, wait, follow)
+    launch_then(c, "torchrun", job_spec, replace, rollback, dry_run, wait, follow, preflight)

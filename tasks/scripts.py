@@ -107,6 +107,41 @@ def _write(path: str, content: str) -> list[str]:
     return [f"base64 -d > {path} <<'FABLAUNCH_B64'", wrapped, "FABLAUNCH_B64"]
 
 
+def python_found(python: str) -> str:
+    """A shell test, true when the interpreter exists here: an executable path, or a command on the PATH."""
+    return f"[ -x {sh(python)} ]" if python.startswith("/") else f"command -v {sh(python)} >/dev/null 2>&1"
+
+
+# Exits 0 when TCP port argv[1] can be bound on every address, 3 when something holds it. It binds
+# the way torch's TCPStore does (wildcard, SO_REUSEADDR), so a port in TIME_WAIT counts as free and
+# a listener on any one address of the host counts as taken. Python 2 syntax too: any `python` works.
+PORT_PROBE = (
+    "import errno, socket, sys\n"
+    "s = socket.socket()\n"
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "try:\n"
+    "    s.bind(('', int(sys.argv[1])))\n"
+    "except Exception as e:\n"
+    "    sys.exit(3 if getattr(e, 'errno', None) == errno.EADDRINUSE else 4)\n"
+)
+
+
+def port_in_use(port: int, address: str, python: str | None) -> str:
+    """A shell test, true when something already holds TCP `port` on this host.
+
+    A bind test needs an interpreter, and the job's may be the one that is missing, so any python on
+    the PATH will do; without one, a listener that accepts on `address` or loopback counts as taken.
+    """
+    pythons = " ".join(sh(p) for p in dict.fromkeys([*([python] if python else []), "python3", "python"]))
+    return (
+        f"( for py in {pythons}; do command -v \"$py\" >/dev/null 2>&1 || continue; "
+        f"\"$py\" -c {sh(PORT_PROBE)} {port} 2>/dev/null; rc=$?; "
+        '[ "$rc" = 3 ] && exit 0; [ "$rc" = 0 ] && exit 1; done; '
+        f"for a in 127.0.0.1 {sh(address)}; do "
+        f"timeout 3 bash -c 'exec 3<>\"/dev/tcp/$0/$1\"' \"$a\" {port} 2>/dev/null && exit 0; done; exit 1 )"
+    )
+
+
 def _checks(plan: Plan, python: str | None) -> list[str]:
     """Read-only checks that a host can run its part; each failure prints `check: message`."""
     lines = [
@@ -116,20 +151,27 @@ def _checks(plan: Plan, python: str | None) -> list[str]:
         f"[ -d {sh(plan.workdir)} ] || problem {sh(f'workdir: {plan.workdir} does not exist')}",
     ]
     if python:
-        found = f"[ -x {sh(python)} ]" if python.startswith("/") else f"command -v {sh(python)} >/dev/null 2>&1"
-        lines.append(f"{found} || problem {sh(f'python: {python} not found')}")
+        lines.append(f"{python_found(python)} || problem {sh(f'python: {python} not found')}")
     return lines
 
 
-def job_exists(job: str) -> str:
-    """A shell test that is true when the job has sessions on this host's tmux server."""
-    return f"{tmux.list_command(job)} | grep -q ."
+def job_exists(job: str, host: str | None = None) -> str:
+    """A shell test that is true when the job has sessions on this tmux server (tagged for `host`, if given)."""
+    return f"{tmux.list_command(job, host)} | grep -q ."
 
 
-def preflight_payload(plan: Plan, python: str | None) -> str:
-    """Check a host before anything is launched anywhere: exit 0, or print `check: message` lines."""
+def preflight_payload(plan: Plan, python: str | None, check_port: bool = False) -> str:
+    """Check a host before anything is launched anywhere: exit 0, or print `check: message` lines.
+
+    `check_port` (for the master host only) also fails when MASTER_PORT is taken there: the job's
+    rendezvous would fail at once or, worse, its ranks would meet another job's store.
+    """
+    master = plan.hosts[0].spec
+    port = [f"if {port_in_use(plan.port, plan.master_addr, python)}; then "
+            f"problem {sh(f'port: port {plan.port} is in use on {master}')}; fi"] if check_port else []
     return "\n".join([
         *_checks(plan, python),
+        *port,
         f"if {job_exists(plan.job)}; then echo {sh(f'exists: job {plan.job} already has sessions here')}; fi",
         'exit "$fail"',
         "",
@@ -149,7 +191,8 @@ def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable:
         "umask 077",
         *_checks(plan, None),
         '[ "$fail" = 0 ] || exit 3',
-        f"if {job_exists(plan.job)}; then echo {sh(f'exists: job {plan.job} already has sessions here')}; "
+        # Only this host's sessions: preflight saw none anywhere, so any now are another launcher's race.
+        f"if {job_exists(plan.job, host.spec)}; then echo {sh(f'exists: job {plan.job} already has sessions here')}; "
         f"exit {EXISTS_CODE}; fi",
         f"dir={sh(dir_)}",
         "# A relaunch under the same name keeps the earlier run's files: nothing is ever lost.",

@@ -52,7 +52,12 @@ def new_sessions(plan: Plan, sessions: list[Session], script_dir_var: str = "$di
     return " ".join(parts)
 
 
-def list_command(job: str | None = None) -> str:
-    """List this project's sessions (optionally one job's); prints nothing when there is no server."""
+def list_command(job: str | None = None, host: str | None = None) -> str:
+    """List this project's sessions (optionally one job's, on one host spec); prints nothing without a server.
+
+    The host filter matters where several host specs reach one tmux server (aliases of one machine).
+    """
     job_filter = f"#{{==:#{{@fablaunch_job}},{job}}}" if job else "#{!=:#{@fablaunch_job},}"
+    if host:
+        job_filter = f"#{{&&:{job_filter},#{{==:#{{@fablaunch_host}},{host}}}}}"
     return f"tmux list-sessions -f {shlex.quote(job_filter)} -F {shlex.quote(LIST_FORMAT)} 2>/dev/null"

@@ -58,8 +58,13 @@ class Cluster:
         base: int = 11,
         env: dict[str, str] | None = None,
         max_startups: str = "1000:30:1000",
+        host_env: dict[str, dict[str, str]] | None = None,
     ) -> None:
-        """Describe the cluster; nothing is created or started before start()."""
+        """Describe the cluster; nothing is created or started before start().
+
+        `env` is every host's environment; `host_env` adds to or overrides it for single hosts by
+        name (e.g. one host with an `nvidia-smi` on its PATH and one without).
+        """
         if size < 1 or base < 1 or base + size - 1 > 254:
             raise ValueError(f"hosts 127.0.0.{base}..127.0.0.{base + size - 1} are not all valid")
         self.root = Path(root).resolve()
@@ -67,6 +72,7 @@ class Cluster:
         self.port = port
         self.base = base
         self.env = dict(env or {})
+        self.host_env = {name: dict(values) for name, values in (host_env or {}).items()}
         self.max_startups = max_startups
         self.names = [f"node{i}" for i in range(1, size + 1)]
         self.ssh_config = self.root / "ssh_config"
@@ -129,7 +135,7 @@ class Cluster:
             self.tmux_dir(name).mkdir(mode=0o700, parents=True, exist_ok=True)
             # mkdir's mode is masked by umask and ignored for existing dirs; tmux wants it private.
             self.tmux_dir(name).chmod(0o700)
-            setenv = {"TMUX_TMPDIR": str(self.tmux_dir(name)), **self.env}
+            setenv = {"TMUX_TMPDIR": str(self.tmux_dir(name)), **self.env, **self.host_env.get(name, {})}
             lines = [
                 f"ListenAddress {self.address(name)}",
                 f"Port {self.port}",

@@ -79,14 +79,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 class Fab:
     """Runs the real `fab` CLI of this repo against the cluster, from a working directory."""
 
-    def __init__(self, cluster: Cluster, cwd: Path) -> None:
+    def __init__(self, cluster: Cluster, cwd: Path, ssh_config: Path | None = None) -> None:
         self.cluster = cluster
         self.cwd = cwd
+        self.ssh_config = ssh_config or cluster.ssh_config
         self.env = {**os.environ, "TMUX_TMPDIR": str(cwd / ".tmux-local"), "COLUMNS": "200"}
         (cwd / ".tmux-local").mkdir(exist_ok=True)
 
     def __call__(self, *args: str, timeout: float = 180, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-        cmd = [FAB, "-r", str(REPO), "-S", str(self.cluster.ssh_config), *args]
+        cmd = [FAB, "-r", str(REPO), "-S", str(self.ssh_config), *args]
         return subprocess.run(cmd, cwd=cwd or self.cwd, env=self.env, capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, timeout=timeout)
 

@@ -49,3 +49,30 @@ def test_a_16_host_4_rank_job_starts_every_session_and_stop_leaves_nothing(
         assert sessions(big, f"{job}-rank-") == {name: [] for name in big.names}
     finally:
         fab("stop", "--job", job, "--grace", "0")
+
+
+def test_many_aliases_behind_one_default_sshd_all_launch_despite_dropped_handshakes(
+        tmp_path_factory: pytest.TempPathFactory, job: str) -> None:
+    """48 host names for one sshd at OpenSSH's default MaxStartups (10:30:100), as behind a bastion.
+
+    32 handshakes at once overflow it, so some are dropped; retries with back-off must absorb that,
+    and every alias must get its sessions.
+    """
+    aliases = 48
+    root = tmp_path_factory.mktemp("alias")
+    with Cluster(root / "c", 1, port=SSH_PORT + 3, base=121, max_startups="10:30:100") as one:
+        block = one.ssh_config.read_text().split("\n", 1)[1]
+        config = root / "ssh_config"
+        config.write_text("".join(f"Host alias{i}\n{block}\n" for i in range(aliases)))
+        fab = Fab(one, root, ssh_config=config)  # the same sshd under 48 names
+        fab.write("gpus", *[f"alias{i}" for i in range(aliases)])
+        try:
+            launched = fab("launch-gpus", "--job", job, "--port", str(master_port()), "--", "sleep", "600")
+            assert launched.returncode == 0, launched.stdout + launched.stderr
+            tagged = one.tmux("node1", "ls", "-F", "#{@fablaunch_host} #{@fablaunch_rank}").stdout.split("\n")
+            assert sorted(t for t in tagged if t) == sorted(f"alias{i} {i}" for i in range(aliases))
+            stopped = fab("stop", "--job", job, "--grace", "0")
+            assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+            assert live_pids(job) == []
+        finally:
+            fab("stop", "--job", job, "--grace", "0")
