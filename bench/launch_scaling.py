@@ -63,7 +63,8 @@ class Bench:
         self.ranks = ranks
         self.port = 29300
         self.fake_python = work / "fake-python"
-        self.fake_python.write_text("#!/bin/sh\nexec sleep 600\n")
+        # Preflight probes (`-c ...`) go to a real python; torchrun's own start just sleeps.
+        self.fake_python.write_text('#!/bin/sh\n[ "$1" = -c ] && exec python3 "$@"\nexec sleep 600\n')
         self.fake_python.chmod(0o755)
 
     def fab(self, *args: str, measure_memory: bool = False) -> tuple[float, int | None]:

@@ -29,15 +29,13 @@ from invoke import Exit, task
 
 from . import ui
 from .errors import UsageError
-from .executor import Executor, Outcome
+from .executor import REMOTE_SHELL, Executor, Outcome
 from .flags import int_flag, parallel_flag, usage_errors
 from .hostfile import Host, read_gpus, read_hosts
 from .launch import resolver
 from .plan import Plan, plan_gpus, plan_torchrun
 from .scripts import job_exists, port_in_use, python_found, sh
 from .spec import DEFAULT_PORT, JobSpec, build_spec, default_python, default_workdir, read_spec
-
-REMOTE_SHELL = "bash -s"
 
 # Columns of the table and keys of --json, in this order.
 CHECKS = ("ssh", "tmux", "workdir", "python", "torch", "cuda", "nccl", "gpus", "port", "tcp", "clock", "nofile",

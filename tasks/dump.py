@@ -25,13 +25,13 @@ from typing import Any
 from invoke import Exit, task
 
 from . import ui
-from .executor import Executor
+from .executor import REMOTE_SHELL, Executor
 from .flags import int_flag, parallel_flag, usage_errors
 from .hostfile import Host
-from .jobs import REMOTE_SHELL, TARGET_HELP, latest_job, targets
+from .jobs import TARGET_HELP, latest_job, targets
 from .plan import TAG_VAR, tag
 from .scripts import sh
-from .survey import SEP
+from .survey import SEP, as_int
 
 SPY_TIMEOUT = 60  # seconds per process; a process in uninterruptible sleep can stall py-spy
 INSTALL_HINT = "install it there with `pip install py-spy` (into the job's environment or anywhere on the PATH)"
@@ -142,10 +142,6 @@ def payload(job: str, host: Host, ranks: list[int], locals_: bool) -> str:
 # --- parsing --------------------------------------------------------------------------------------------------
 
 
-def _int(text: str | None) -> int | None:
-    return int(text) if text and text.lstrip("-").isdigit() else None
-
-
 def _sections(text: str) -> list[tuple[str, list[str], list[str]]]:
     sections: list[tuple[str, list[str], list[str]]] = []
     for line in text.split("\n"):
@@ -162,23 +158,23 @@ def parse(host: str, text: str) -> HostDump:
     result = HostDump(host)
     by_pid: dict[int, Proc] = {}
     for kind, words, lines in _sections(text):
-        pid = _int(words[0]) if words else None
+        pid = as_int(words[0]) if words else None
         if kind == "PROC" and pid is not None:
-            proc = by_pid[pid] = Proc(host, pid, _int(words[1]) if len(words) > 1 else None)
+            proc = by_pid[pid] = Proc(host, pid, as_int(words[1]) if len(words) > 1 else None)
             result.procs.append(proc)
             for line in lines:
                 key, _, value = line.partition("=")
                 if key == "RANK":
-                    proc.rank = _int(value)
+                    proc.rank = as_int(value)
                 elif key == "LOCAL_RANK":
-                    proc.local_rank = _int(value)
+                    proc.local_rank = as_int(value)
                 elif key == "GROUP_RANK":
-                    proc.node = _int(value)
+                    proc.node = as_int(value)
                 elif key == "CMD":
                     proc.cmdline = value.strip()
         elif kind == "DUMP" and pid in by_pid:
             proc = by_pid[pid]
-            proc.exit_code = _int(words[1]) if len(words) > 1 else -1  # no exit record: it did not finish
+            proc.exit_code = as_int(words[1]) if len(words) > 1 else -1  # no exit record: it did not finish
             proc.dump = "\n".join(lines).rstrip()
         elif kind == "NOSPY":
             result.problem = ("py-spy not found (not on the PATH of a non-login shell, nor beside the job's "

@@ -27,6 +27,8 @@ from .hostfile import Host
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 RETRIES = 4
+# Every payload is a bash script sent on stdin: nothing of it shows in a process list or gets re-quoted.
+REMOTE_SHELL = "bash -s"
 
 
 @dataclass

@@ -20,14 +20,12 @@ from invoke import Exit, task
 
 from . import failures, records, survey, ui
 from .errors import UsageError
-from .executor import Executor, Outcome
+from .executor import REMOTE_SHELL, Executor, Outcome
 from .flags import int_flag, parallel_flag, seconds_flag, usage_errors
 from .hostfile import Host, parse_host, read_gpus, read_hosts
 from .scripts import kill_payload, sh
 from .spec import DEFAULT_PARALLEL, check_job_name
 from .survey import SessionState
-
-REMOTE_SHELL = "bash -s"
 
 TARGET_HELP = {
     "job": "Job name (default: every job of this project found on the hosts).",
@@ -58,10 +56,6 @@ def targets(job: str | None, hosts: str | None, gpus: str | None) -> list[Host]:
     if not found:
         raise UsageError("--hosts/--gpus", "no host files here and no launch records: name the hosts to ask")
     return list(found.values())
-
-
-# Kept for code written against the old private names.
-_usage = usage_errors
 
 
 class Survey:

@@ -17,13 +17,12 @@ from invoke import Exit, task
 
 from . import records, ui
 from .errors import UsageError
-from .executor import Executor, Outcome
+from .executor import REMOTE_SHELL, Executor, Outcome
+from .flags import int_flag, usage_error
 from .hostfile import Host, read_gpus, read_hosts
 from .plan import Plan, plan_gpus, plan_torchrun
 from .scripts import kill_payload, launch_payload, preflight_payload, session_script
 from .spec import JobSpec, build_spec, check_job_name, default_job_name, default_python, default_workdir, parse_env
-
-REMOTE_SHELL = "bash -s"
 
 COMMON_HELP = {
     "job": "Job name (default: the spec's name, else the script's name plus a timestamp).",
@@ -54,18 +53,8 @@ def command_argv() -> list[str]:
 
 def _spec(spec: str | None, env: list[str] | None, **flags: Any) -> JobSpec:
     for name in ("port", "parallel", "max_restarts"):
-        flags[name] = _int(flags.get(name), f"--{name.replace('_', '-')}")
+        flags[name] = int_flag(flags.get(name), f"--{name.replace('_', '-')}")
     return build_spec(spec, command_argv(), env=parse_env(env or []) or None, **flags)
-
-
-def _int(value: Any, flag: str) -> int | None:
-    """Invoke parses flags without a default as strings; integers are checked here."""
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(flag, f"{value!r} is not an integer") from None
 
 
 def resolver(config: Any) -> Callable[[Host], str]:
@@ -81,10 +70,6 @@ def resolver(config: Any) -> Callable[[Host], str]:
     return resolve
 
 
-def _fail(exc: UsageError) -> Exit:
-    return Exit(f"fablaunch: {exc}", code=2)
-
-
 def _make_plan(c: Any, mode: str, spec: JobSpec) -> tuple[Plan, str]:
     """Read host files and plan the job; any UsageError becomes exit 2 with nothing touched."""
     hostfile = spec.gpus if mode == "gpus" else spec.hosts
@@ -95,7 +80,7 @@ def _make_plan(c: Any, mode: str, spec: JobSpec) -> tuple[Plan, str]:
         plan = planner(spec, hosts, job, spec.python or default_python(), spec.workdir or default_workdir(),
                        resolver(c.config))
     except UsageError as exc:
-        raise _fail(exc) from None
+        raise usage_error(exc) from None
     return plan, hostfile
 
 
@@ -259,7 +244,7 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
         job_spec = _spec(spec, env, gpus=gpus, name=job, python=python, workdir=workdir, port=port,
                          master_addr=master_addr, parallel=parallel)
     except UsageError as exc:
-        raise _fail(exc) from None
+        raise usage_error(exc) from None
     launch_then(c, "gpus", job_spec, replace, rollback, dry_run, wait, follow, preflight)
 
 
@@ -285,5 +270,5 @@ def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=Non
                          master_addr=master_addr, parallel=parallel,
                          nproc_per_node=nproc_per_node, max_restarts=max_restarts)
     except UsageError as exc:
-        raise _fail(exc) from None
+        raise usage_error(exc) from None
     launch_then(c, "torchrun", job_spec, replace, rollback, dry_run, wait, follow, preflight)

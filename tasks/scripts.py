@@ -131,11 +131,13 @@ def port_in_use(port: int, address: str, python: str | None) -> str:
 
     A bind test needs an interpreter, and the job's may be the one that is missing, so any python on
     the PATH will do; without one, a listener that accepts on `address` or loopback counts as taken.
+    Each probe is bounded in time: a wedged interpreter (or a wrapper that never exits) must not hang
+    the launch.
     """
     pythons = " ".join(sh(p) for p in dict.fromkeys([*([python] if python else []), "python3", "python"]))
     return (
         f"( for py in {pythons}; do command -v \"$py\" >/dev/null 2>&1 || continue; "
-        f"\"$py\" -c {sh(PORT_PROBE)} {port} 2>/dev/null; rc=$?; "
+        f"timeout 10 \"$py\" -c {sh(PORT_PROBE)} {port} 2>/dev/null; rc=$?; "
         '[ "$rc" = 3 ] && exit 0; [ "$rc" = 0 ] && exit 1; done; '
         f"for a in 127.0.0.1 {sh(address)}; do "
         f"timeout 3 bash -c 'exec 3<>\"/dev/tcp/$0/$1\"' \"$a\" {port} 2>/dev/null && exit 0; done; exit 1 )"

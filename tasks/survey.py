@@ -166,7 +166,7 @@ def parse(host: Host, text: str) -> list[SessionState]:
         elif kind == "ERRTIMES":
             for line in lines:
                 path, _, stamp = line.rpartition(" ")
-                if path and _float(stamp) is not None:
+                if path and as_float(stamp) is not None:
                     error_times[path] = float(stamp)
         elif kind == "TAILS":
             tails.update(_tails(lines))
@@ -189,8 +189,8 @@ def parse(host: Host, text: str) -> list[SessionState]:
     for name, info in live.items():
         if name not in seen:  # a tagged session whose files are gone: still ours, still running
             states.append(SessionState(info["@fablaunch_job"], info["@fablaunch_mode"], host.spec, name,
-                                       _int(info["@fablaunch_rank"]), _int(info["@fablaunch_node"]), "running",
-                                       pid=_int(info["pane_pid"]), started=_float(info["session_created"])))
+                                       as_int(info["@fablaunch_rank"]), as_int(info["@fablaunch_node"]), "running",
+                                       pid=as_int(info["pane_pid"]), started=as_float(info["session_created"])))
     return states
 
 
@@ -204,8 +204,8 @@ def _state(manifest: dict[str, Any], entry: dict[str, Any], live: dict[str, str]
     if error_text:
         state.error = _json(error_text) or {"raw": error_text[:2000]}
     if live:
-        state.pid = _int(live["pane_pid"])
-        state.started = _float(live["session_created"])
+        state.pid = as_int(live["pane_pid"])
+        state.started = as_float(live["session_created"])
     if record is not None and "exit_code" in record:
         code = int(record["exit_code"])
         state.started = state.started or float(record.get("start_time", 0)) or None
@@ -229,8 +229,8 @@ def _worker_errors(prefix: str, files: dict[str, str], times: dict[str, float]) 
         if not path.startswith(prefix):
             continue
         parts = path[len(prefix):].split("/")
-        local = _int(parts[-2]) if len(parts) >= 2 else None
-        attempt = _int(parts[-3].removeprefix("attempt_")) if len(parts) >= 3 else None
+        local = as_int(parts[-2]) if len(parts) >= 2 else None
+        attempt = as_int(parts[-3].removeprefix("attempt_")) if len(parts) >= 3 else None
         found.append(WorkerError(local, attempt, path, times.get(path), _json(text) or {"raw": text[:2000]}))
     return sorted(found, key=lambda w: (w.mtime or 0, w.path))
 
@@ -262,11 +262,13 @@ def _json(text: str | None) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _int(text: str | None) -> int | None:
+def as_int(text: str | None) -> int | None:
+    """An integer field of a dump, or None when it is empty or not a number."""
     return int(text) if text and text.lstrip("-").isdigit() else None
 
 
-def _float(text: str | None) -> float | None:
+def as_float(text: str | None) -> float | None:
+    """A number field of a dump, or None when it is empty or not a number."""
     try:
         return float(text) if text else None
     except ValueError:

@@ -21,10 +21,10 @@ from invoke import Exit, task
 
 from . import survey, ui
 from .errors import UsageError
-from .executor import Executor, Outcome
+from .executor import REMOTE_SHELL, Executor, Outcome
 from .flags import parallel_flag, seconds_flag, usage_errors
 from .hostfile import Host
-from .jobs import REMOTE_SHELL, TARGET_HELP, targets
+from .jobs import TARGET_HELP, targets
 from .plan import JOBS_DIR, RemotePath
 from .scripts import sh
 from .survey import SessionState

@@ -29,7 +29,7 @@ def _quote(value: str) -> str:
     return f'"{escaped}"'
 
 
-def _port_open(address: str, port: int) -> bool:
+def port_open(address: str, port: int) -> bool:
     """Tell whether something accepts TCP connections on address:port."""
     try:
         with socket.create_connection((address, port), timeout=0.5):
@@ -196,7 +196,7 @@ class Cluster:
         """Start the sshd of each named host, then wait until all listen (20 s in all)."""
         for name in names:
             # A listener already there (a leftover cluster) would make the wait below lie.
-            if _port_open(self.address(name), self.port):
+            if port_open(self.address(name), self.port):
                 raise RuntimeError(f"{self.address(name)}:{self.port} is already in use ({name})")
         procs = {
             name: subprocess.Popen(
@@ -216,7 +216,7 @@ class Cluster:
         deadline = time.monotonic() + 20
         for name in names:
             # The pid file is written just after daemonizing; stop() needs it.
-            while not (_port_open(self.address(name), self.port) and self._pid(name) is not None):
+            while not (port_open(self.address(name), self.port) and self._pid(name) is not None):
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"sshd for {name} not listening on {self.address(name)}:{self.port} "
@@ -251,7 +251,7 @@ class Cluster:
                     os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for name in names:
-            while _port_open(self.address(name), self.port):
+            while port_open(self.address(name), self.port):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.address(name)}:{self.port} still accepts after 10 s ({name})")
                 time.sleep(0.05)

@@ -44,7 +44,8 @@ def tagged_pids(job: str) -> list[int]:
     return pids
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie waiting for its reaper."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -54,7 +55,7 @@ def _alive(pid: int) -> bool:
 
 def live_pids(job: str) -> list[int]:
     """Tagged processes that are still running (zombies waiting for a slow reaper do not count)."""
-    return [p for p in tagged_pids(job) if _alive(p)]
+    return [p for p in tagged_pids(job) if alive(p)]
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 60, interval: float = 0.2) -> object:

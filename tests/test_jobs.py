@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.cluster import Cluster
-from tests.conftest import Fab, live_pids, master_port, sessions, wait_until
+from tests.conftest import Fab, alive, live_pids, master_port, sessions, wait_until
 
 JSON_KEYS = {"job", "mode", "host", "session", "rank", "node", "state", "exit_code", "signal", "log"}
 ENDED = {"succeeded", "failed", "killed"}
@@ -85,14 +85,6 @@ def live_on(job: str, host: str) -> list[int]:
     """Live processes of a job carrying the marker of one fake host."""
     marker = f"FABLAUNCH_TAG={job}@{host}".encode()
     return [p for p in live_pids(job) if marker in environ(p)]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def prefixed(stdout: str) -> list[tuple[str, str]]:

@@ -12,7 +12,6 @@ import pty
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import pytest
 from tasks import top
 from tasks.hostfile import parse_host
 from tasks.survey import SessionState
-from tests.cluster import Cluster
+from tests.cluster import Cluster, port_open
 from tests.conftest import FAB, JOBS, PAYLOADS, REPO, SSH_PORT, Fab, master_port, wait_until
 
 # The stand-in's figures. node1: two busy GPUs; node2: one GPU at idle power (11 %, as a real idle H100),
@@ -49,14 +48,6 @@ NODE3 = {"exit": 6, "message": "No devices were found"}
 UNREACHABLE = f"127.0.0.49:{SSH_PORT}"
 
 
-def _port_open(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Four fake hosts on 127.0.0.41-44 (apart from the shared cluster), three with a stand-in nvidia-smi."""
@@ -69,7 +60,7 @@ def gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     for name, figures in (("node1", NODE1), ("node2", NODE2), ("node3", NODE3)):
         (root / f"{name}.json").write_text(json.dumps(figures))
         host_env[name] = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_NVIDIA_SMI": str(root / f"{name}.json")}
-    assert not _port_open("127.0.0.49", SSH_PORT), "the address meant to be unreachable answers"
+    assert not port_open("127.0.0.49", SSH_PORT), "the address meant to be unreachable answers"
     with Cluster(root, 4, port=SSH_PORT, base=41, env={"PATH": os.environ["PATH"]}, host_env=host_env) as c:
         yield c
 
