@@ -225,7 +225,9 @@ def logs_payload(states: list[SessionState], lines: int, follow: bool, job: str)
         target = f"{sh(prefix)}{path[len(prefix):]}"
         body += [f"  for f in {target}; do",
                  "    [ -f \"$f\" ] && [ -z \"${seen[$f]:-}\" ] || continue; seen[$f]=1",
-                 f"    tail -n {lines} -F \"$f\" 2>/dev/null | emit {sh(key)}\"${{f#{sh(prefix)}}}\" &",
+                 # tail itself must be the background job ($!): killing only its reader would leave
+                 # tail waiting forever on a log that no longer grows.
+                 f"    tail -n {lines} -F \"$f\" 2>/dev/null > >(emit {sh(key)}\"${{f#{sh(prefix)}}}\") &",
                  "    pids=\"$pids $!\"",
                  "  done"]
     from .tmux import list_command

@@ -346,6 +346,9 @@ def test_launch_with_follow_streams_every_rank_until_the_job_ends(fab: Fab, job:
         ("node1 rank 0", "rank 0 on node1 does exit 0"),
         ("node2 rank 1", "rank 1 on node2 does exit 0"),
     ]
+    # Following leaves nothing behind on the hosts: no `tail -F` waiting on logs that will never grow.
+    followers = [p for p in Path("/proc").glob("[0-9]*") if f"/jobs/{job}/" in cmdline(int(p.name))]
+    assert wait_until(lambda: not [p for p in followers if alive(int(p.name))], timeout=10)
 
 
 # --- errors: the first failure is the root cause -------------------------------------------------------------
