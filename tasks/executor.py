@@ -137,41 +137,75 @@ class Executor:
         start = time.monotonic()
         outcome = Outcome(host)
         try:
-            if host.is_local:
-                outcome.exit_code, outcome.stdout, outcome.stderr = self._run_local(command, stdin, on_output)
-            else:
-                outcome.exit_code, outcome.stdout, outcome.stderr = self._run_remote(host, command, stdin, on_output)
+            shell = self._start(host, command)
+            outcome.exit_code, outcome.stdout, outcome.stderr = shell.finish(stdin, on_output)
         except Exception as exc:
             outcome.error = describe_error(exc)
             self._forget(host)
         outcome.seconds = time.monotonic() - start
         return outcome
 
-    def _run_local(self, command: str, stdin: str | None,
-                   on_output: Callable[[str], None] | None) -> tuple[int, str, str]:
-        proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
-        if on_output is None:
-            out, err = proc.communicate(_bytes(stdin))
-            return proc.returncode, _text(out), _text(err)
-        assert proc.stdin and proc.stdout and proc.stderr
-        proc.stdin.write(_bytes(stdin))
-        proc.stdin.close()
-        # stderr drains in a thread so a chatty command cannot block on a full pipe while stdout streams.
-        err: list[bytes] = []
-        drain = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
-        drain.start()
-        chunks = []
-        try:
-            for line in iter(proc.stdout.readline, b""):
-                on_output(_text(line))
-                chunks.append(line)
-        except BaseException:  # Ctrl-C while following: the local command must not outlive us
-            proc.terminate()
-            raise
-        code = proc.wait()
-        drain.join()
-        return code, _text(b"".join(chunks)), _text(b"".join(err))
+    def hold(self, commands: Mapping[Host, tuple[str, str]]) -> dict[str, Held]:
+        """Start each host's shell with the first part of its script and wait until every host ran it.
+
+        The first part must end by printing `hold_line(status)`; its status becomes the outcome's exit
+        code. The shells then wait for `release` to send the rest of their scripts, so a check and the
+        action it guards cost one remote shell start each, not two (each one runs the user's .bashrc).
+        """
+
+        def one(host: Host, command: str, first: str) -> Held:
+            start = time.monotonic()
+            outcome = Outcome(host)
+            try:
+                shell = self._start(host, command)
+                shell.send(first)
+                outcome.exit_code, outcome.stdout, outcome.stderr = shell.read_until_hold()
+            except Exception as exc:
+                outcome.error = describe_error(exc)
+                self._forget(host)
+                shell = None
+            outcome.seconds = time.monotonic() - start
+            return Held(outcome, shell if outcome.exit_code is not None and shell and shell.waiting else None)
+
+        futures = {h.spec: self._pool.submit(one, h, cmd, first) for h, (cmd, first) in commands.items()}
+        return {spec: f.result() for spec, f in futures.items()}
+
+    def release(self, held: Mapping[str, Held], rest: Mapping[str, str | None],
+                on_done: Callable[[Outcome], None] | None = None) -> dict[str, Outcome]:
+        """Send each held shell the rest of its script (None: end it unused) and collect the outcomes."""
+
+        def one(spec: str) -> Outcome:
+            h = held[spec]
+            outcome = Outcome(h.outcome.host)
+            start = time.monotonic()
+            if h.shell is None:
+                outcome.error = h.outcome.error or "the shell ended before its script was complete"
+            else:
+                try:
+                    outcome.exit_code, outcome.stdout, outcome.stderr = h.shell.finish(rest.get(spec), None)
+                except Exception as exc:
+                    outcome.error = describe_error(exc)
+                    self._forget(h.outcome.host)
+            outcome.seconds = time.monotonic() - start
+            return outcome
+
+        futures = {self._pool.submit(one, spec): spec for spec in held}
+        results: dict[str, Outcome] = {}
+        pending: Iterable[Future[Outcome]] = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[futures[future]] = future.result()
+                if on_done:
+                    on_done(results[futures[future]])
+        return {spec: results[spec] for spec in held}
+
+    def _start(self, host: Host, command: str) -> _Shell:
+        if host.is_local:
+            return _LocalShell(command)
+        channel = self.connection(host).client.get_transport().open_session()
+        channel.exec_command(command)
+        return _RemoteShell(channel)
 
     def connection(self, host: Host) -> Any:
         """The host's open connection, made (with retries) on first use."""
@@ -201,36 +235,150 @@ class Executor:
         if conn is not None:
             conn.close()
 
-    def _run_remote(self, host: Host, command: str, stdin: str | None,
-                    on_output: Callable[[str], None] | None) -> tuple[int, str, str]:
-        channel = self.connection(host).client.get_transport().open_session()
+
+HOLD = "\x1eFABLAUNCH_HOLD"
+
+
+def hold_line(status: str) -> str:
+    """The shell line that ends the first part of a held script, reporting `status` (a shell word)."""
+    return f"printf '\\036FABLAUNCH_HOLD %s\\n' {status}"
+
+
+def _parse_hold(out: bytes) -> tuple[int, str] | None:
+    """(status, stdout before it) once the hold line has arrived."""
+    mark = out.find(HOLD.encode())
+    if mark < 0 or b"\n" not in out[mark:]:
+        return None
+    line = out[mark:].split(b"\n", 1)[0].decode(errors="replace")
+    status = line.split()[-1]
+    return (int(status) if status.lstrip("-").isdigit() else 1), _text(out[:mark])
+
+
+class _Shell:
+    """A shell on one host reading its script from stdin, possibly in two parts."""
+
+    waiting = False  # true while it has run a first part and waits for the rest
+
+    def send(self, text: str) -> None:
+        raise NotImplementedError
+
+    def read_until_hold(self) -> tuple[int, str, str]:
+        raise NotImplementedError
+
+    def finish(self, stdin: str | None, on_output: Callable[[str], None] | None) -> tuple[int, str, str]:
+        raise NotImplementedError
+
+
+class _RemoteShell(_Shell):
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.out = bytearray()
+        self.err = bytearray()
+
+    def send(self, text: str) -> None:
+        self.channel.sendall(_bytes(text))
+
+    def _pump(self, on_output: Callable[[str], None] | None = None, pending: bytearray | None = None) -> bool:
+        """Move what has arrived into the buffers; False once the command has ended and all is read."""
+        select.select([self.channel], [], [], 1.0)
+        while self.channel.recv_ready():
+            data = self.channel.recv(65536)
+            self.out += data
+            if on_output is not None and pending is not None:
+                pending += data
+                *lines, rest = bytes(pending).split(b"\n")
+                pending[:] = rest
+                for line in lines:
+                    on_output(_text(line + b"\n"))
+        while self.channel.recv_stderr_ready():
+            self.err += self.channel.recv_stderr(65536)
+        return not (self.channel.exit_status_ready() and not self.channel.recv_ready()
+                    and not self.channel.recv_stderr_ready())
+
+    def read_until_hold(self) -> tuple[int, str, str]:
+        while True:
+            held = _parse_hold(bytes(self.out))
+            if held:
+                self.waiting = True
+                self.out = bytearray(self.out[bytes(self.out).find(b"\n", bytes(self.out).find(HOLD.encode())) + 1:])
+                err, self.err = _text(bytes(self.err)), bytearray()
+                return held[0], held[1], err
+            if not self._pump():
+                code = self.channel.recv_exit_status()
+                self.channel.close()
+                return code, _text(bytes(self.out)), _text(bytes(self.err))
+
+    def finish(self, stdin: str | None, on_output: Callable[[str], None] | None) -> tuple[int, str, str]:
         try:
-            channel.exec_command(command)
             if stdin is not None:
-                channel.sendall(_bytes(stdin))
-            channel.shutdown_write()
-            out: list[bytes] = []
-            err: list[bytes] = []
-            pending = b""
-            while True:
-                select.select([channel], [], [], 1.0)
-                while channel.recv_ready():
-                    data = channel.recv(65536)
-                    out.append(data)
-                    if on_output:
-                        pending += data
-                        *lines, pending = pending.split(b"\n")
-                        for line in lines:
-                            on_output(_text(line + b"\n"))
-                while channel.recv_stderr_ready():
-                    err.append(channel.recv_stderr(65536))
-                if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
-                    break
+                self.channel.sendall(_bytes(stdin))
+            self.channel.shutdown_write()
+            pending = bytearray()
+            if on_output and self.out:
+                pending += self.out
+            while self._pump(on_output, pending):
+                pass
             if on_output and pending:
-                on_output(_text(pending))
-            return channel.recv_exit_status(), _text(b"".join(out)), _text(b"".join(err))
+                on_output(_text(bytes(pending)))
+            return self.channel.recv_exit_status(), _text(bytes(self.out)), _text(bytes(self.err))
         finally:
-            channel.close()
+            self.channel.close()
+
+
+class _LocalShell(_Shell):
+    def __init__(self, command: str) -> None:
+        self.proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        # stderr drains in a thread so a chatty command cannot block on a full pipe while stdout is read.
+        self.err: list[bytes] = []
+        self.drain = threading.Thread(target=lambda: self.err.append(self.proc.stderr.read()),  # type: ignore[union-attr]
+                                      daemon=True)
+        self.drain.start()
+        self.out = bytearray()
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.write(_bytes(text))
+        self.proc.stdin.flush()
+
+    def read_until_hold(self) -> tuple[int, str, str]:
+        assert self.proc.stdout
+        for line in iter(self.proc.stdout.readline, b""):
+            if line.startswith(HOLD.encode()):
+                self.waiting = True
+                held = _parse_hold(bytes(self.out) + line)
+                assert held
+                out, self.out = bytes(self.out), bytearray()
+                return held[0], _text(out), ""
+            self.out += line
+        self.proc.wait()
+        self.drain.join()
+        return self.proc.returncode, _text(bytes(self.out)), _text(b"".join(self.err))
+
+    def finish(self, stdin: str | None, on_output: Callable[[str], None] | None) -> tuple[int, str, str]:
+        assert self.proc.stdin and self.proc.stdout
+        try:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.write(_bytes(stdin))
+                self.proc.stdin.close()
+            for line in iter(self.proc.stdout.readline, b""):
+                if on_output:
+                    on_output(_text(line))
+                self.out += line
+        except BaseException:  # Ctrl-C while following: the local command must not outlive us
+            self.proc.terminate()
+            raise
+        code = self.proc.wait()
+        self.drain.join()
+        return code, _text(bytes(self.out)), _text(b"".join(self.err))
+
+
+@dataclass
+class Held:
+    """A host's shell after the first part of its script: that part's outcome, and the waiting shell."""
+
+    outcome: Outcome
+    shell: _Shell | None
 
 
 def _bytes(text: str | None) -> bytes:

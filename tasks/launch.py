@@ -17,7 +17,7 @@ from invoke import Exit, task
 
 from . import records, ui
 from .errors import UsageError
-from .executor import REMOTE_SHELL, Executor, Outcome
+from .executor import REMOTE_SHELL, Executor, Held, Outcome
 from .flags import int_flag, usage_error
 from .hostfile import Host, read_gpus, read_hosts
 from .plan import Plan, plan_gpus, plan_torchrun
@@ -158,13 +158,15 @@ def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure:
         return plan
     with Executor(c.config, spec.parallel) as ex:
         try:
-            if preflight:
-                _preflight(ex, plan, replace)
-            elif replace:
+            held = _preflight(ex, plan, replace) if preflight else {}
+            if replace and not preflight:
                 _stop_running(ex, plan)
+            payloads = {h.spec: launch_payload(plan, plan.on(h), launched) for h in plan.hosts}
             with ui.progress(f"launching {plan.job}", len(plan.hosts)) as advance:
-                outcomes = ex.run({h: (REMOTE_SHELL, launch_payload(plan, plan.on(h), launched)) for h in plan.hosts},
-                                  on_done=advance)
+                if held:  # the shells that ran the checks run the launch too: one remote shell per host
+                    outcomes = ex.release(held, payloads, on_done=advance)
+                else:
+                    outcomes = ex.run({h: (REMOTE_SHELL, payloads[h.spec]) for h in plan.hosts}, on_done=advance)
         except KeyboardInterrupt:
             ui.say("Interrupted: rolling back every host.", "yellow", stderr=True)
             rollback(ex, plan, list(plan.hosts))
@@ -186,28 +188,35 @@ def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure:
     return plan
 
 
-def _preflight(ex: Executor, plan: Plan, replace: bool) -> None:
+def _preflight(ex: Executor, plan: Plan, replace: bool) -> dict[str, Held]:
     """Check every host before any rank starts anywhere; stop an old job first with --replace.
 
     The fast subset of `fab doctor`: reachable, tmux, working directory, interpreter, MASTER_PORT free
     on the master (only there: the other hosts never bind it) and no job of this name. With --replace
     the old job may be what holds the port, so the master's port is checked once it is stopped.
+    Returns the hosts' shells, held open for the launch payload.
     """
     python = _python_to_check(plan)
     master = plan.hosts[0]
-    outcomes = ex.run({h: (REMOTE_SHELL, preflight_payload(plan, python, check_port=h == master and not replace))
-                       for h in plan.hosts})
-    _refuse_failed(plan, outcomes)
-    running = [h for h in plan.hosts if "exists:" in outcomes[h.spec].stdout]
-    if running and not replace:
-        names = ", ".join(h.spec for h in running)
-        raise Exit(f"fablaunch: job {plan.job} is already running on {names}; "
-                   "stop it, pick another --job, or pass --replace. Nothing was launched.", code=2)
-    if running:
-        _stop_running(ex, plan)
-    if replace:
-        again = ex.run({master: (REMOTE_SHELL, preflight_payload(plan, python, check_port=True))})
-        _refuse_failed(plan, {**outcomes, **again})
+    held = ex.hold({h: (REMOTE_SHELL, preflight_payload(plan, python, check_port=h == master and not replace,
+                                                        held=True)) for h in plan.hosts})
+    outcomes = {spec: h.outcome for spec, h in held.items()}
+    try:
+        _refuse_failed(plan, outcomes)
+        running = [h for h in plan.hosts if "exists:" in outcomes[h.spec].stdout]
+        if running and not replace:
+            names = ", ".join(h.spec for h in running)
+            raise Exit(f"fablaunch: job {plan.job} is already running on {names}; "
+                       "stop it, pick another --job, or pass --replace. Nothing was launched.", code=2)
+        if running:
+            _stop_running(ex, plan)
+        if replace:
+            again = ex.run({master: (REMOTE_SHELL, preflight_payload(plan, python, check_port=True))})
+            _refuse_failed(plan, {**outcomes, **again})
+    except BaseException:
+        ex.release(held, {})  # end the waiting shells unused
+        raise
+    return held
 
 
 def _refuse_failed(plan: Plan, outcomes: dict[str, Outcome]) -> None:

@@ -3,8 +3,9 @@
 A host receives one payload on the stdin of `bash -s`, so secrets never appear in any command line,
 and the whole per-host work (checks, files, every tmux session) is one SSH round trip. Session
 scripts are written to the host (mode 0600) and run from there, so a user can read exactly what ran.
-Files travel base64-encoded: no here-document delimiter can collide with the user's arguments, and
-any byte survives.
+Files travel base64-encoded, all of a host's in one block decoded by one process (forks are what a
+64-host launch on busy hosts pays for): no here-document delimiter can collide with the user's
+arguments, and any byte but NUL survives.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import shlex
 
 from . import tmux
+from .executor import hold_line
 from .hostfile import Host
 from .plan import TAG_VAR, Plan, RemotePath, Session, tag
 
@@ -61,10 +63,12 @@ def session_script(plan: Plan, session: Session, launched: str, mask: bool = Fal
         "# Stay alive when a signal stops the rank, to record how it ended. A handler, unlike an",
         "# ignored signal, is reset on exec, so the rank itself still gets the default action.",
         "trap : INT TERM HUP",
-        "start_time=$(date +%s.%N)",
+        "# bash 5 reads the clock without a fork; EPOCHREALTIME follows the locale's decimal point.",
+        "start_time=${EPOCHREALTIME:-$(date +%s.%N)}; start_time=${start_time/,/.}",
         "finish() {",
+        "  local end_time=${EPOCHREALTIME:-$(date +%s.%N)}",
         "  printf '{\"exit_code\": %d, \"start_time\": %s, \"end_time\": %s}\\n' \\",
-        "    \"$1\" \"$start_time\" \"$(date +%s.%N)\" > \"$exit_file.tmp\"",
+        "    \"$1\" \"$start_time\" \"${end_time/,/.}\" > \"$exit_file.tmp\"",
         '  mv -f "$exit_file.tmp" "$exit_file"',
         '  exit "$1"',
         "}",
@@ -101,10 +105,12 @@ def session_record(session: Session) -> dict[str, object]:
     }
 
 
-def _write(path: str, content: str) -> list[str]:
-    data = base64.b64encode(encode(content)).decode()
+def write_files(files: list[tuple[str, str]]) -> list[str]:
+    """Shell lines that write every (path, content): one base64 block of `printf` builtins, one decoder."""
+    snippet = "".join(f"printf '%s' {sh(content)} > {path} || exit 3\n" for path, content in files)
+    data = base64.b64encode(encode(snippet)).decode()
     wrapped = "\n".join(data[i:i + 76] for i in range(0, len(data), 76))
-    return [f"base64 -d > {path} <<'FABLAUNCH_B64'", wrapped, "FABLAUNCH_B64"]
+    return ["eval \"$(base64 -d <<'FABLAUNCH_B64'", wrapped, "FABLAUNCH_B64", ')"']
 
 
 def python_found(python: str) -> str:
@@ -162,22 +168,26 @@ def job_exists(job: str, host: str | None = None) -> str:
     return f"{tmux.list_command(job, host)} | grep -q ."
 
 
-def preflight_payload(plan: Plan, python: str | None, check_port: bool = False) -> str:
+def preflight_payload(plan: Plan, python: str | None, check_port: bool = False, held: bool = False) -> str:
     """Check a host before anything is launched anywhere: exit 0, or print `check: message` lines.
 
     `check_port` (for the master host only) also fails when MASTER_PORT is taken there: the job's
     rendezvous would fail at once or, worse, its ranks would meet another job's store.
+    `held` ends with the executor's hold line instead of exiting, so the same shell then runs the
+    launch payload: the checks cost no second remote shell. Its checks read nothing of stdin,
+    which holds the rest of the script.
     """
     master = plan.hosts[0].spec
     port = [f"if {port_in_use(plan.port, plan.master_addr, python)}; then "
             f"problem {sh(f'port: port {plan.port} is in use on {master}')}; fi"] if check_port else []
-    return "\n".join([
+    checks = [
         *_checks(plan, python),
         *port,
         f"if {job_exists(plan.job)}; then echo {sh(f'exists: job {plan.job} already has sessions here')}; fi",
-        'exit "$fail"',
-        "",
-    ])
+    ]
+    if held:
+        return "\n".join(["{", *checks, "} </dev/null", hold_line('"$fail"'), ""])
+    return "\n".join([*checks, 'exit "$fail"', ""])
 
 
 def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable: bool = False) -> str:
@@ -185,7 +195,6 @@ def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable:
 
     `readable` replaces the encoded files by a note, for `--dry-run` (which shows them decoded).
     """
-    write = (lambda path, _content: [f"# writes {path} (shown below)"]) if readable else _write
     host = sessions[0].host
     dir_ = plan.host_dir(host)
     lines = [
@@ -204,10 +213,11 @@ def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable:
         "fi",
         'mkdir -p "$dir" || exit 3',
     ]
-    for session in sessions:
-        lines += write(f'"$dir/{session.stem}.sh"', session_script(plan, session, launched))
-    lines += write('"$dir/manifest.json"', manifest(plan, sessions, launched))
-    lines += ['chmod 600 "$dir"/*', tmux.new_sessions(plan, sessions), "rc=$?",
+    files = [(f'"$dir/{s.stem}.sh"', session_script(plan, s, launched)) for s in sessions]
+    files.append(('"$dir/manifest.json"', manifest(plan, sessions, launched)))
+    lines += [f"# writes {path} (shown below)" for path, _ in files] if readable else write_files(files)
+    # umask 077 above already makes every file mode 0600.
+    lines += [tmux.new_sessions(plan, sessions), "rc=$?",
               f'[ "$rc" = 0 ] && echo started {len(sessions)}', 'exit "$rc"', ""]
     return "\n".join(lines)
 

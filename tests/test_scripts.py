@@ -218,20 +218,27 @@ def two_host_plan(mode: str = "gpus") -> Plan:
     return plan_torchrun(spec, hs, JOB, "/py", "/work dir")
 
 
-def decoded_files(payload: str) -> dict[str, bytes]:
-    blocks = re.findall(r"^base64 -d > ([^\n]+) <<'FABLAUNCH_B64'\n([A-Za-z0-9+/=\n]*?)\nFABLAUNCH_B64$", payload, re.M)
-    return {path: base64.b64decode(data) for path, data in blocks}
+def decoded_files(payload: str, tmp_path: Path) -> dict[str, bytes]:
+    """The files a launch payload writes: its one encoded block, decoded and run by a real bash."""
+    (block,) = re.findall(r"^eval \"\$\(base64 -d <<'FABLAUNCH_B64'\n([A-Za-z0-9+/=\n]*?)\nFABLAUNCH_B64\n\)\"$",
+                          payload, re.M)
+    snippet = base64.b64decode(block)
+    paths = re.findall(rb"> (\"\$dir/[^\"]+\") \|\| exit 3$", snippet, re.M)
+    subprocess.run(["bash", "-c", 'eval "$1"', "-", snippet.decode("utf-8", "surrogateescape")],
+                   env={"dir": str(tmp_path), "PATH": os.environ["PATH"]}, check=True)
+    return {p.decode(): (tmp_path / p.decode().split("/", 1)[1].rstrip('"')).read_bytes() for p in paths}
 
 
 @pytest.mark.parametrize("mode", ["gpus", "torchrun"])
-def test_launch_payload_has_env_values_only_base64_encoded(mode: str) -> None:
+def test_launch_payload_has_env_values_only_base64_encoded(mode: str, tmp_path: Path) -> None:
     plan = two_host_plan(mode)
-    for host in plan.hosts:
+    for i, host in enumerate(plan.hosts):
         sessions = plan.on(host)
         payload = scripts.launch_payload(plan, sessions, LAUNCHED)
         assert SECRET_VALUE not in payload
         assert "o-v!" not in payload
-        files = decoded_files(payload)
+        (tmp_path / str(i)).mkdir()
+        files = decoded_files(payload, tmp_path / str(i))
         assert set(files) == {f'"$dir/{s.stem}.sh"' for s in sessions} | {'"$dir/manifest.json"'}
         for s in sessions:
             script = files[f'"$dir/{s.stem}.sh"']
