@@ -92,6 +92,7 @@ class Executor:
         self.parallel = parallel
         self._connections: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="fablaunch")
 
     def __enter__(self) -> Executor:
@@ -216,7 +217,11 @@ class Executor:
         from fabric import Connection
 
         for attempt in range(RETRIES):
-            conn = Connection(host.name.strip("[]"), user=host.user, port=host.port, config=self.config)
+            # Building a Connection reads and merges the shared Fabric config, which is not thread-safe
+            # (seen: "No attribute or config key found for 'user'" under 32 threads); the handshake in
+            # open() is what takes time, and that stays parallel.
+            with self._build_lock:
+                conn = Connection(host.name.strip("[]"), user=host.user, port=host.port, config=self.config)
             try:
                 conn.open()
                 break
