@@ -233,18 +233,20 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="fl-bench-", dir="/tmp"))
     results: dict[int, dict[str, Any]] = {}
-    with Cluster(root / "c", max(sizes), port=args.port, base=101, env={"PATH": os.environ["PATH"]}) as cluster:
-        work = root / "w"
-        work.mkdir()
-        bench = Bench(cluster, work, args.ranks)
-        bench.files(max(sizes))
-        bench.fab("status", "--json")  # warm caches (pyc, host keys) outside the measurements
-        for k in sizes:
-            samples = [bench.rep(k, i, k <= args.oneliner_max) for i in range(args.reps)]
-            results[k] = {"stats": summarise(samples), "samples": samples}
-            print(f"K={k}: " + ", ".join(f"{key} {v['median']:.2f}" for key, v in results[k]["stats"].items()),
-                  flush=True)
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        with Cluster(root / "c", max(sizes), port=args.port, base=101, env={"PATH": os.environ["PATH"]}) as cluster:
+            work = root / "w"
+            work.mkdir()
+            bench = Bench(cluster, work, args.ranks)
+            bench.files(max(sizes))
+            bench.fab("status", "--json")  # warm caches (pyc, host keys) outside the measurements
+            for k in sizes:
+                samples = [bench.rep(k, i, k <= args.oneliner_max) for i in range(args.reps)]
+                results[k] = {"stats": summarise(samples), "samples": samples}
+                print(f"K={k}: " + ", ".join(f"{key} {v['median']:.2f}" for key, v in results[k]["stats"].items()),
+                      flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     measured = [k for k in sizes if "oneliner" in results[k]["stats"]]
     if measured:
         base = max(measured)
