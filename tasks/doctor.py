@@ -41,7 +41,10 @@ from .spec import DEFAULT_PORT, JobSpec, build_spec, default_python, default_wor
 CHECKS = ("ssh", "tmux", "workdir", "python", "torch", "cuda", "nccl", "gpus", "port", "tcp", "clock", "nofile",
           "disk", "job", "py_spy")
 LABELS = {"tcp": "reach master", "nofile": "open files", "py_spy": "py-spy", "disk": "disk free"}
-VERSIONS = ("python", "torch", "cuda", "nccl")  # must match across hosts
+VERSIONS = ("python", "torch", "cuda", "nccl")  # compared across hosts
+# Ranks on different torch or NCCL versions speak different wire protocols: rendezvous or the first
+# collective fails or hangs. A different python or CUDA build alone usually runs, so it only warns.
+MUST_MATCH = ("torch", "nccl")
 
 CLOCK_WARN_S = 1.0  # torch's timeouts and log times across hosts go wrong well before this matters
 NOFILE_WARN = 4096  # the common default of 1024 runs out with DataLoader workers and many NCCL sockets
@@ -385,7 +388,7 @@ def compare_versions(results: Mapping[str, Mapping[str, Check]]) -> dict[str, di
     """Mark python/torch/CUDA/NCCL versions that differ from the other hosts' (hosts in rank order).
 
     The reference is the most common value (the first host's on a tie); a host that differs gets a
-    warning naming it. Mixed versions run, but collectives may hang or fail in obscure ways.
+    warning naming it, or a failure for torch and NCCL (see MUST_MATCH).
     """
     out = {host: dict(checks) for host, checks in results.items()}
     for name in VERSIONS:
@@ -399,7 +402,7 @@ def compare_versions(results: Mapping[str, Mapping[str, Check]]) -> dict[str, di
         others = f" and {top - 1} other hosts" if top > 1 else ""
         for host, value in values.items():
             if value != reference:
-                out[host][name] = replace(out[host][name], status="warn",
+                out[host][name] = replace(out[host][name], status="fail" if name in MUST_MATCH else "warn",
                                           message=f"{name} {value or 'none'} differs from {reference or 'none'} "
                                                   f"on {where}{others}")
     return out

@@ -178,12 +178,18 @@ def test_versions_that_differ_from_the_most_common_are_marked() -> None:
     results = {f"node{i}": judge() for i in range(1, 4)}
     results["node3"] = judge({"torch": "2.11.0", "nccl": "2.21.5"})
     compared = doctor.compare_versions(results)
-    assert compared["node3"]["torch"].status == "warn"
+    assert compared["node3"]["torch"].status == "fail"
     assert "torch 2.11.0 differs from 2.13.0 on node1" in compared["node3"]["torch"].message
-    assert compared["node3"]["nccl"].status == "warn"
+    assert compared["node3"]["nccl"].status == "fail"
     assert all(compared[h]["torch"].status == "ok" for h in ("node1", "node2"))
     assert results["node3"]["torch"].status == "ok"  # the input is left alone
-    assert doctor.exit_code(compared) == 0  # a mismatch warns; it does not fail
+    assert doctor.exit_code(compared) == 1  # mixed torch/NCCL makes rendezvous fail or hang
+
+
+def test_a_different_python_or_cuda_build_only_warns() -> None:
+    compared = doctor.compare_versions({"a": judge(), "b": judge(), "c": judge({"cuda": "12.1", "python": "3.11.9"})})
+    assert (compared["c"]["cuda"].status, compared["c"]["python"].status) == ("warn", "warn")
+    assert doctor.exit_code(compared) == 0
 
 
 def test_on_a_tie_the_first_hosts_version_is_the_reference() -> None:
