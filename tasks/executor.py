@@ -286,6 +286,8 @@ class _RemoteShell(_Shell):
     def _pump(self, on_output: Callable[[str], None] | None = None, pending: bytearray | None = None) -> bool:
         """Move what has arrived into the buffers; False once the command has ended and all is read."""
         select.select([self.channel], [], [], 1.0)
+        # Whether it had ended is read before draining: all data precedes the status and the close.
+        ended = self.channel.closed or self.channel.exit_status_ready()
         while self.channel.recv_ready():
             data = self.channel.recv(65536)
             self.out += data
@@ -297,8 +299,12 @@ class _RemoteShell(_Shell):
                     on_output(_text(line + b"\n"))
         while self.channel.recv_stderr_ready():
             self.err += self.channel.recv_stderr(65536)
-        return not (self.channel.exit_status_ready() and not self.channel.recv_ready()
-                    and not self.channel.recv_stderr_ready())
+        # A channel closed under us (Executor.close after Ctrl-C) never gets a status.
+        return not ended
+
+    def _status(self) -> int:
+        # recv_exit_status() would wait forever on a channel that was closed before its status came.
+        return self.channel.exit_status if self.channel.exit_status_ready() else -1
 
     def read_until_hold(self) -> tuple[int, str, str]:
         while True:
@@ -309,7 +315,7 @@ class _RemoteShell(_Shell):
                 err, self.err = _text(bytes(self.err)), bytearray()
                 return held[0], held[1], err
             if not self._pump():
-                code = self.channel.recv_exit_status()
+                code = self._status()
                 self.channel.close()
                 return code, _text(bytes(self.out)), _text(bytes(self.err))
 
@@ -325,7 +331,7 @@ class _RemoteShell(_Shell):
                 pass
             if on_output and pending:
                 on_output(_text(bytes(pending)))
-            return self.channel.recv_exit_status(), _text(bytes(self.out)), _text(bytes(self.err))
+            return self._status(), _text(bytes(self.out)), _text(bytes(self.err))
         finally:
             self.channel.close()
 
