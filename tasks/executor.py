@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import select
+import signal
 import socket
 import subprocess
 import threading
@@ -93,6 +95,7 @@ class Executor:
         self._connections: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._build_lock = threading.Lock()
+        self._live: set[_Shell] = set()
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="fablaunch")
 
     def __enter__(self) -> Executor:
@@ -203,10 +206,23 @@ class Executor:
 
     def _start(self, host: Host, command: str) -> _Shell:
         if host.is_local:
-            return _LocalShell(command)
-        channel = self.connection(host).client.get_transport().open_session()
-        channel.exec_command(command)
-        return _RemoteShell(channel)
+            shell: _Shell = _LocalShell(command, self._live.discard)
+        else:
+            channel = self.connection(host).client.get_transport().open_session()
+            channel.exec_command(command)
+            shell = _RemoteShell(channel, self._live.discard)
+        with self._lock:
+            self._live.add(shell)
+        return shell
+
+    def cancel(self) -> None:
+        """Cut off every command still in flight (Ctrl-C): a payload that has not yet reached its
+        guard (a write to its stdout) stops there instead of starting sessions after a rollback."""
+        with self._lock:
+            live = list(self._live)
+        for shell in live:
+            with contextlib.suppress(Exception):
+                shell.cancel()
 
     def connection(self, host: Host) -> Any:
         """The host's open connection, made (with retries) on first use."""
@@ -264,7 +280,13 @@ class _Shell:
 
     waiting = False  # true while it has run a first part and waits for the rest
 
+    def __init__(self, on_end: Callable[[_Shell], None]) -> None:
+        self.on_end = on_end
+
     def send(self, text: str) -> None:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
         raise NotImplementedError
 
     def read_until_hold(self) -> tuple[int, str, str]:
@@ -275,13 +297,17 @@ class _Shell:
 
 
 class _RemoteShell(_Shell):
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, on_end: Callable[[_Shell], None]) -> None:
+        super().__init__(on_end)
         self.channel = channel
         self.out = bytearray()
         self.err = bytearray()
 
     def send(self, text: str) -> None:
         self.channel.sendall(_bytes(text))
+
+    def cancel(self) -> None:
+        self.channel.close()
 
     def _pump(self, on_output: Callable[[str], None] | None = None, pending: bytearray | None = None) -> bool:
         """Move what has arrived into the buffers; False once the command has ended and all is read."""
@@ -317,6 +343,7 @@ class _RemoteShell(_Shell):
             if not self._pump():
                 code = self._status()
                 self.channel.close()
+                self.on_end(self)
                 return code, _text(bytes(self.out)), _text(bytes(self.err))
 
     def finish(self, stdin: str | None, on_output: Callable[[str], None] | None) -> tuple[int, str, str]:
@@ -334,10 +361,12 @@ class _RemoteShell(_Shell):
             return self._status(), _text(bytes(self.out)), _text(bytes(self.err))
         finally:
             self.channel.close()
+            self.on_end(self)
 
 
 class _LocalShell(_Shell):
-    def __init__(self, command: str) -> None:
+    def __init__(self, command: str, on_end: Callable[[_Shell], None]) -> None:
+        super().__init__(on_end)
         self.proc = subprocess.Popen(["bash", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         # stderr drains in a thread so a chatty command cannot block on a full pipe while stdout is read.
@@ -352,6 +381,10 @@ class _LocalShell(_Shell):
         self.proc.stdin.write(_bytes(text))
         self.proc.stdin.flush()
 
+    def cancel(self) -> None:
+        # Its own process group: tmux servers it started have left it and are not touched.
+        os.killpg(self.proc.pid, signal.SIGKILL)
+
     def read_until_hold(self) -> tuple[int, str, str]:
         assert self.proc.stdout
         for line in iter(self.proc.stdout.readline, b""):
@@ -364,6 +397,7 @@ class _LocalShell(_Shell):
             self.out += line
         self.proc.wait()
         self.drain.join()
+        self.on_end(self)
         return self.proc.returncode, _text(bytes(self.out)), _text(b"".join(self.err))
 
     def finish(self, stdin: str | None, on_output: Callable[[str], None] | None) -> tuple[int, str, str]:
@@ -379,6 +413,8 @@ class _LocalShell(_Shell):
         except BaseException:  # Ctrl-C while following: the local command must not outlive us
             self.proc.terminate()
             raise
+        finally:
+            self.on_end(self)
         code = self.proc.wait()
         self.drain.join()
         return code, _text(bytes(self.out)), _text(b"".join(self.err))

@@ -169,6 +169,7 @@ def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure:
                     outcomes = ex.run({h: (REMOTE_SHELL, payloads[h.spec]) for h in plan.hosts}, on_done=advance)
         except KeyboardInterrupt:
             ui.say("Interrupted: rolling back every host.", "yellow", stderr=True)
+            ex.cancel()  # hosts still writing files stop at the payload's guard, before any session
             rollback(ex, plan, list(plan.hosts))
             raise Exit("fablaunch: launch interrupted; nothing of the job is left running", code=130) from None
         failed = [h for h in plan.hosts if not outcomes[h.spec].ok]

@@ -217,7 +217,9 @@ def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable:
     files.append(('"$dir/manifest.json"', manifest(plan, sessions, launched)))
     lines += [f"# writes {path} (shown below)" for path, _ in files] if readable else write_files(files)
     # umask 077 above already makes every file mode 0600.
-    lines += [tmux.new_sessions(plan, sessions), "rc=$?",
+    # The guard: if the launcher gave up (Ctrl-C) its end of stdout is gone, this write fails (or
+    # SIGPIPE ends the shell), and no session starts after the rollback has already run.
+    lines += ["printf 'starting\\n' || exit 3", tmux.new_sessions(plan, sessions), "rc=$?",
               f'[ "$rc" = 0 ] && echo started {len(sessions)}', 'exit "$rc"', ""]
     return "\n".join(lines)
 

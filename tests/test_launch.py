@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import JOBS, REPO, Fab, live_pids, master_port, sessions, wait_until
+from tests.cluster import Cluster
+from tests.conftest import FAB, JOBS, REPO, SSH_PORT, Fab, live_pids, master_port, sessions, wait_until
 
 NASTY = ["a b", "'", '"', "$HOME", "`id`", "$(id)", "a;b", "x|y", "&&", "\\", "line\nbreak", "tab\there", "é",
          "日本語", "🚀", "-", "--flag=--", "", "*", "~", "#no comment", "%s", "{a,b}"]
@@ -252,3 +254,37 @@ def test_every_flag_has_help(name: str) -> None:
     assert flags
     for line in flags:
         assert len(line.strip().split("  ", 1)) == 2 or options[options.index(line) + 1].startswith(" " * 10), line
+
+
+def test_ctrl_c_during_the_launch_rolls_back_and_a_slow_host_starts_nothing_later(
+        tmp_path_factory: pytest.TempPathFactory, job: str) -> None:
+    """node2 writes its files slowly (its `base64` sleeps first): Ctrl-C arrives after node1 started."""
+    root = tmp_path_factory.mktemp("slow")
+    slow = root / "slowbin"
+    slow.mkdir()
+    (slow / "base64").write_text("#!/bin/sh\nsleep 6\nexec /usr/bin/base64 \"$@\"\n")
+    (slow / "base64").chmod(0o755)
+    path = os.environ["PATH"]
+    with Cluster(root / "c", 2, port=SSH_PORT + 4, base=131, env={"PATH": path},
+                 host_env={"node2": {"PATH": f"{slow}:{path}"}}) as two:
+        work = root / "w"
+        work.mkdir()
+        (work / "gpus").write_text("node1\nnode2\n")
+        proc = subprocess.Popen([FAB, "-r", str(REPO), "-S", str(two.ssh_config), "launch-gpus", "--job", job,
+                                 "--port", str(master_port()), "--", "sleep", "600"],
+                                cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            wait_until(lambda: sessions(two, job)["node1"], timeout=30)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 130, out + err
+            assert "rolling back" in err
+            wait_until(lambda: not live_pids(job), timeout=15)
+            # node2's payload wakes up after the rollback: its guard must keep it from starting anything.
+            wait_until(lambda: "sleep 6" not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                                               text=True).stdout, timeout=20)
+            assert sessions(two, job) == {"node1": [], "node2": []}
+            assert not live_pids(job)
+        finally:
+            proc.kill()
