@@ -20,7 +20,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,11 @@ from . import ui
 from .errors import UsageError
 from .executor import REMOTE_SHELL, Executor, Outcome
 from .flags import int_flag, parallel_flag, usage_errors
-from .hostfile import Host, read_gpus, read_hosts
-from .launch import resolver
-from .plan import Plan, plan_gpus, plan_torchrun
+from .hostfile import Host
+from .launch import make_plan
+from .plan import Plan
 from .scripts import job_exists, port_in_use, python_found, sh
-from .spec import DEFAULT_PORT, JobSpec, build_spec, default_python, default_workdir, read_spec
+from .spec import DEFAULT_PORT, JobSpec, build_spec, default_python, read_spec
 
 # Columns of the table and keys of --json, in this order.
 CHECKS = ("ssh", "tmux", "workdir", "python", "torch", "cuda", "nccl", "gpus", "port", "tcp", "clock", "nofile",
@@ -487,12 +486,8 @@ def _targets(c: Any, gpus: str | None, hosts: str | None, spec: str | None,
     data = read_spec(spec) if spec else {}
     mode, path = pick_hostfile(gpus, hosts, data)
     job_spec = build_spec(spec, ["true"], **{mode: path}, **flags)
-    lines = read_gpus(Path(path)) if mode == "gpus" else read_hosts(Path(path))
-    python = job_spec.python or default_python()
-    planner = plan_gpus if mode == "gpus" else plan_torchrun
-    plan = planner(job_spec, lines, job_spec.name or "doctor", python, job_spec.workdir or default_workdir(),
-                   resolver(c.config))
-    return plan, python, job_spec
+    plan = make_plan(c.config, mode, job_spec, job_spec.name or "doctor")
+    return plan, job_spec.python or default_python(), job_spec
 
 
 def check_hosts(ex: Executor, plan: Plan, python: str, job: str | None) -> dict[str, dict[str, Check]]:
@@ -536,15 +531,13 @@ def _clocks(ex: Executor, hosts: list[Host]) -> dict[str, Check]:
         arrived: list[float] = []
         start = time.time()
         outcome = ex.run_one(host, "date +%s.%N", None, lambda _line: arrived.append(time.time()))
-        # The time, not the exit code, is the answer: a local `date` streamed to `on_output` can be
-        # reported as terminated when it printed and exited while the executor was reading.
+        # The time, not the exit code, is the answer.
         if not outcome.reached or not outcome.stdout.strip():
             return warn(None, "?", f"could not read the clock: {outcome.why()}")
         end = arrived[0] if arrived else time.time()
         return clock_check(outcome.stdout, end, end - start)
 
-    with ThreadPoolExecutor(max_workers=min(ex.parallel, max(len(hosts), 1))) as pool:
-        return dict(zip([h.spec for h in hosts], pool.map(one, hosts), strict=True))
+    return ex.each(one, hosts)
 
 
 def _reach_master(ex: Executor, plan: Plan, python: str, hosts: list[Host],

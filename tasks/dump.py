@@ -29,9 +29,8 @@ from .executor import REMOTE_SHELL, Executor
 from .flags import int_flag, parallel_flag, usage_errors
 from .hostfile import Host
 from .jobs import TARGET_HELP, latest_job, targets
-from .plan import TAG_VAR, tag
-from .scripts import sh
-from .survey import SEP, as_int
+from .scripts import sh, tagged_pids
+from .survey import SEP, as_int, sections
 
 SPY_TIMEOUT = 60  # seconds per process; a process in uninterruptible sleep can stall py-spy
 INSTALL_HINT = "install it there with `pip install py-spy` (into the job's environment or anywhere on the PATH)"
@@ -93,13 +92,11 @@ def payload(job: str, host: Host, ranks: list[int], locals_: bool) -> str:
     is looked for on the PATH, then beside the job's own interpreter (where `pip install py-spy` in
     the job's venv puts it), then in ~/.local/bin.
     """
-    marker = f"{TAG_VAR}={tag(job, host)}"
     wanted = " " + " ".join(str(r) for r in ranks) + " " if ranks else ""
     return "\n".join([
         f"sep=$'{SEP}'",
         f"wanted={sh(wanted)}",
-        f"pids=$(grep -lszx -F -- {sh(marker)} /proc/[0-9]*/environ 2>/dev/null |",
-        "  sed -n 's#^/proc/\\([0-9]*\\)/environ$#\\1#p' | grep -vx -e \"$$\" -e \"$BASHPID\")",
+        f"pids=$({tagged_pids(job, host)})",
         "spy=$(command -v py-spy 2>/dev/null)",
         "found=",
         "for p in $pids; do",
@@ -142,22 +139,12 @@ def payload(job: str, host: Host, ranks: list[int], locals_: bool) -> str:
 # --- parsing --------------------------------------------------------------------------------------------------
 
 
-def _sections(text: str) -> list[tuple[str, list[str], list[str]]]:
-    sections: list[tuple[str, list[str], list[str]]] = []
-    for line in text.split("\n"):
-        if line.startswith(SEP):
-            kind, _, arg = line[1:].partition(" ")
-            sections.append((kind, arg.split(), []))
-        elif sections:
-            sections[-1][2].append(line)
-    return sections
-
-
 def parse(host: str, text: str) -> HostDump:
     """One host's payload output as its processes (classified) and dumps."""
     result = HostDump(host)
     by_pid: dict[int, Proc] = {}
-    for kind, words, lines in _sections(text):
+    for kind, arg, lines in sections(text):
+        words = arg.split()
         pid = as_int(words[0]) if words else None
         if kind == "PROC" and pid is not None:
             proc = by_pid[pid] = Proc(host, pid, as_int(words[1]) if len(words) > 1 else None)

@@ -10,6 +10,7 @@ so no value shows in a process list, and per-host outcomes instead of tracebacks
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -22,13 +23,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .hostfile import Host
 
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 RETRIES = 4
+T = TypeVar("T")
 # Every payload is a bash script sent on stdin: nothing of it shows in a process list or gets re-quoted.
 REMOTE_SHELL = "bash -s"
 
@@ -121,33 +123,13 @@ class Executor:
         `on_done` is called in the caller's thread as each host finishes (for progress bars).
         A KeyboardInterrupt propagates at once; hosts already running finish in the background.
         """
-        futures: dict[Future[Outcome], Host] = {
-            self._pool.submit(self.run_one, host, cmd, stdin): host for host, (cmd, stdin) in commands.items()
-        }
-        results: dict[str, Outcome] = {}
-        pending: Iterable[Future[Outcome]] = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            for future in done:
-                outcome = future.result()
-                results[outcome.host.spec] = outcome
-                if on_done:
-                    on_done(outcome)
-        return {h.spec: results[h.spec] for h in commands}
+        return self._gather({h.spec: functools.partial(self.run_one, h, cmd, stdin)
+                             for h, (cmd, stdin) in commands.items()}, on_done)
 
     def run_one(self, host: Host, command: str, stdin: str | None = None,
                 on_output: Callable[[str], None] | None = None) -> Outcome:
         """Run one command on one host; never raises for host-side problems."""
-        start = time.monotonic()
-        outcome = Outcome(host)
-        try:
-            shell = self._start(host, command)
-            outcome.exit_code, outcome.stdout, outcome.stderr = shell.finish(stdin, on_output)
-        except Exception as exc:
-            outcome.error = describe_error(exc)
-            self._forget(host)
-        outcome.seconds = time.monotonic() - start
-        return outcome
+        return self._attempt(host, lambda: self._start(host, command).finish(stdin, on_output))
 
     def hold(self, commands: Mapping[Host, tuple[str, str]]) -> dict[str, Held]:
         """Start each host's shell with the first part of its script and wait until every host ran it.
@@ -158,20 +140,21 @@ class Executor:
         """
 
         def one(host: Host, command: str, first: str) -> Held:
-            start = time.monotonic()
-            outcome = Outcome(host)
-            try:
-                shell = self._start(host, command)
-                shell.send(first)
-                outcome.exit_code, outcome.stdout, outcome.stderr = shell.read_until_hold()
-            except Exception as exc:
-                outcome.error = describe_error(exc)
-                self._forget(host)
-                shell = None
-            outcome.seconds = time.monotonic() - start
-            return Held(outcome, shell if outcome.exit_code is not None and shell and shell.waiting else None)
+            started: list[_Shell] = []
 
-        futures = {h.spec: self._pool.submit(one, h, cmd, first) for h, (cmd, first) in commands.items()}
+            def first_part() -> tuple[int, str, str]:
+                started.append(self._start(host, command))
+                started[0].send(first)
+                return started[0].read_until_hold()
+
+            outcome = self._attempt(host, first_part)
+            return Held(outcome, started[0] if outcome.reached and started and started[0].waiting else None)
+
+        return self.each(lambda h: one(h, *commands[h]), commands)
+
+    def each(self, fn: Callable[[Host], T], hosts: Iterable[Host]) -> dict[str, T]:
+        """Call fn(host) for every host in the pool: for per-host work made of more than one command."""
+        futures = {h.spec: self._pool.submit(fn, h) for h in hosts}
         return {spec: f.result() for spec, f in futures.items()}
 
     def release(self, held: Mapping[str, Held], rest: Mapping[str, str | None],
@@ -179,30 +162,38 @@ class Executor:
         """Send each held shell the rest of its script (None: end it unused) and collect the outcomes."""
 
         def one(spec: str) -> Outcome:
-            h = held[spec]
-            outcome = Outcome(h.outcome.host)
-            start = time.monotonic()
-            if h.shell is None:
-                outcome.error = h.outcome.error or "the shell ended before its script was complete"
-            else:
-                try:
-                    outcome.exit_code, outcome.stdout, outcome.stderr = h.shell.finish(rest.get(spec), None)
-                except Exception as exc:
-                    outcome.error = describe_error(exc)
-                    self._forget(h.outcome.host)
-            outcome.seconds = time.monotonic() - start
-            return outcome
+            host, shell = held[spec].outcome.host, held[spec].shell
+            if shell is None:
+                return Outcome(host, error=held[spec].outcome.error or "the shell ended before its script was complete")
+            return self._attempt(host, lambda: shell.finish(rest.get(spec), None))
 
-        futures = {self._pool.submit(one, spec): spec for spec in held}
+        return self._gather({spec: functools.partial(one, spec) for spec in held}, on_done)
+
+    def _attempt(self, host: Host, work: Callable[[], tuple[int, str, str]]) -> Outcome:
+        """Time `work` (exit code, stdout, stderr) on a host; a host-side failure becomes the outcome's error."""
+        start = time.monotonic()
+        outcome = Outcome(host)
+        try:
+            outcome.exit_code, outcome.stdout, outcome.stderr = work()
+        except Exception as exc:
+            outcome.error = describe_error(exc)
+            self._forget(host)
+        outcome.seconds = time.monotonic() - start
+        return outcome
+
+    def _gather(self, work: Mapping[str, Callable[[], Outcome]],
+                on_done: Callable[[Outcome], None] | None) -> dict[str, Outcome]:
+        """Run each host's work in the pool; call `on_done` in this thread as each finishes."""
+        futures = {self._pool.submit(fn): spec for spec, fn in work.items()}
         results: dict[str, Outcome] = {}
         pending: Iterable[Future[Outcome]] = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             for future in done:
-                results[futures[future]] = future.result()
+                results[futures[future]] = outcome = future.result()
                 if on_done:
-                    on_done(results[futures[future]])
-        return {spec: results[spec] for spec in held}
+                    on_done(outcome)
+        return {spec: results[spec] for spec in work}
 
     def _start(self, host: Host, command: str) -> _Shell:
         if host.is_local:

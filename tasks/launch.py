@@ -70,18 +70,27 @@ def resolver(config: Any) -> Callable[[Host], str]:
     return resolve
 
 
-def _make_plan(c: Any, mode: str, spec: JobSpec) -> tuple[Plan, str]:
-    """Read host files and plan the job; any UsageError becomes exit 2 with nothing touched."""
+def make_plan(config: Any, mode: str, spec: JobSpec, job: str | None = None) -> Plan:
+    """Read the spec's host file for this mode and plan the job; bad input raises UsageError.
+
+    `job` overrides the spec's (checked) name or the default one, for callers that only plan.
+    """
     hostfile = spec.gpus if mode == "gpus" else spec.hosts
-    try:
-        hosts = read_gpus(Path(hostfile)) if mode == "gpus" else read_hosts(Path(hostfile))
+    hosts = read_gpus(Path(hostfile)) if mode == "gpus" else read_hosts(Path(hostfile))
+    if job is None:
         job = check_job_name(spec.name, "--job") if spec.name else default_job_name(spec.command)
-        planner = plan_gpus if mode == "gpus" else plan_torchrun
-        plan = planner(spec, hosts, job, spec.python or default_python(), spec.workdir or default_workdir(),
-                       resolver(c.config))
+    planner = plan_gpus if mode == "gpus" else plan_torchrun
+    return planner(spec, hosts, job, spec.python or default_python(), spec.workdir or default_workdir(),
+                   resolver(config))
+
+
+def _make_plan(c: Any, mode: str, spec: JobSpec) -> tuple[Plan, str]:
+    """Plan the job; any UsageError becomes exit 2 with nothing touched."""
+    try:
+        plan = make_plan(c.config, mode, spec)
     except UsageError as exc:
         raise usage_error(exc) from None
-    return plan, hostfile
+    return plan, spec.gpus if mode == "gpus" else spec.hosts
 
 
 def _python_to_check(plan: Plan) -> str | None:

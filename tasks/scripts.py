@@ -224,6 +224,21 @@ def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable:
     return "\n".join(lines)
 
 
+def tagged_pids(job: str | None, host: Host) -> str:
+    """A shell pipeline printing the pids of a job's processes on this host (every job's, `job` None).
+
+    They are found by the marker every process of the job inherits, read from /proc/PID/environ, so
+    grandchildren and processes that called setsid are found too, and nothing else ever is. The
+    shell running the pipeline (which may carry the marker itself) is left out.
+    """
+    if job:
+        match = f"-F -- {sh(f'{TAG_VAR}={tag(job, host)}')}"
+    else:
+        match = f"-E -- {sh(f'{TAG_VAR}=[A-Za-z0-9_-]+@{re.escape(host.label)}')}"
+    return (f"grep -lszx {match} /proc/[0-9]*/environ 2>/dev/null | "
+            "sed -n 's#^/proc/\\([0-9]*\\)/environ$#\\1#p' | grep -vx -e \"$$\" -e \"$BASHPID\"")
+
+
 def kill_payload(job: str | None, host: Host, grace: float) -> str:
     """Stop every process of a job (or of every job, `job` None) on one host, then its sessions.
 
@@ -232,15 +247,8 @@ def kill_payload(job: str | None, host: Host, grace: float) -> str:
     first (torchrun forwards it and training code can save), then SIGTERM, then SIGKILL.
     Prints `found=N left=M sessions=K jobs=a,b`.
     """
-    if job:
-        match = f"-F -- {sh(f'{TAG_VAR}={tag(job, host)}')}"
-    else:
-        match = f"-E -- {sh(f'{TAG_VAR}=[A-Za-z0-9_-]+@{re.escape(host.label)}')}"
     return "\n".join([
-        "pids() {",
-        f"  grep -lszx {match} /proc/[0-9]*/environ 2>/dev/null |",
-        "    sed -n 's#^/proc/\\([0-9]*\\)/environ$#\\1#p' | grep -vx -e \"$$\" -e \"$BASHPID\"",
-        "}",
+        f"pids() {{ {tagged_pids(job, host)}; }}",
         "signal_all() { p=$(pids); [ -z \"$p\" ] || kill -s \"$1\" $p 2>/dev/null; }",
         "wait_gone() {",
         "  end=$(( $(date +%s%N) + $1 * 1000000 ))",

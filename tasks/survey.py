@@ -105,7 +105,8 @@ def payload(host: Host, job: str | None) -> str:
     ])
 
 
-def _sections(text: str) -> list[tuple[str, str, list[str]]]:
+def sections(text: str) -> list[tuple[str, str, list[str]]]:
+    """Split a payload's output at its `SEP KIND ARG` lines into (kind, arg, lines), in order."""
     sections: list[tuple[str, str, list[str]]] = []
     for line in text.split("\n"):
         if line.startswith(SEP):
@@ -143,7 +144,7 @@ def parse(host: Host, text: str) -> list[SessionState]:
     error_times: dict[str, float] = {}
     tails: dict[str, list[str]] = {}
     manifests: list[tuple[str, dict[str, Any]]] = []
-    for kind, arg, lines in _sections(text):
+    for kind, arg, lines in sections(text):
         if kind == "NOW":
             now = float(arg)
         elif kind == "TMUX":

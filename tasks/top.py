@@ -183,15 +183,10 @@ def parse_apps(text: str) -> list[tuple[str, int, float | None]]:
 
 
 def _sections(text: str) -> dict[str, tuple[str, list[str]]]:
+    """Sections by kind; the first of a kind wins (the survey dump that may follow repeats some)."""
     found: dict[str, tuple[str, list[str]]] = {}
-    current: list[str] | None = None
-    for line in text.split("\n"):
-        if line.startswith(SEP):
-            kind, _, arg = line[1:].partition(" ")
-            current = []
-            found.setdefault(kind, (arg, current))
-        elif current is not None:
-            current.append(line)
+    for kind, arg, lines in survey.sections(text):
+        found.setdefault(kind, (arg, lines))
     return found
 
 
