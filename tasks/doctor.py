@@ -38,8 +38,9 @@ from .spec import DEFAULT_PORT, JobSpec, build_spec, default_python, read_spec
 
 # Columns of the table and keys of --json, in this order.
 CHECKS = ("ssh", "tmux", "workdir", "python", "torch", "cuda", "nccl", "gpus", "port", "tcp", "clock", "nofile",
-          "disk", "job", "py_spy")
-LABELS = {"tcp": "reach master", "nofile": "open files", "py_spy": "py-spy", "disk": "disk free"}
+          "disk", "state_dir", "job", "py_spy")
+LABELS = {"tcp": "reach master", "nofile": "open files", "py_spy": "py-spy", "disk": "disk free",
+          "state_dir": "~/.fablaunch"}
 VERSIONS = ("python", "torch", "cuda", "nccl")  # compared across hosts
 # Ranks on different torch or NCCL versions speak different wire protocols: rendezvous or the first
 # collective fails or hangs. A different python or CUDA build alone usually runs, so it only warns.
@@ -48,6 +49,11 @@ MUST_MATCH = ("torch", "nccl")
 CLOCK_WARN_S = 1.0  # torch's timeouts and log times across hosts go wrong well before this matters
 NOFILE_WARN = 4096  # the common default of 1024 runs out with DataLoader workers and many NCCL sockets
 DISK_WARN_GIB = 10.0  # less than a few checkpoints of a mid-sized model
+# Every job's scripts, logs, exit records and error files go under ~/.fablaunch: without room there a
+# launch fails half-way, or a job runs and its logs and exit records are cut off. A chatty job logs
+# hundreds of MB.
+STATE_FAIL_MIB = 100
+STATE_WARN_MIB = 1024
 TMUX_TESTED = (3, 2)
 PROBE_SECONDS = 120  # importing torch from a cold NFS can take long; a hung import must not hang doctor
 CONNECT_SECONDS = 5
@@ -137,6 +143,20 @@ def skip(message: str = "") -> Check:
 # --- payloads ---------------------------------------------------------------------------------------------
 
 
+# Whether ~/.fablaunch can be written (by creating and removing a directory in it, or in its nearest
+# existing parent, where a launch would create it: doctor leaves nothing behind) and its free space.
+# `test -w` is not enough: root passes it whatever a directory's mode, and it knows nothing of quotas.
+STATE_DIR_LINES = [
+    'say state_path "$HOME/.fablaunch"',
+    'if [ -e "$HOME/.fablaunch" ] && [ ! -d "$HOME/.fablaunch" ]; then say state_write "not a directory"; else',
+    '  d="$HOME/.fablaunch/jobs"; while [ ! -d "$d" ] && [ "$d" != / ] && [ -n "$d" ]; do d=$(dirname "$d"); done',
+    '  if err=$({ t=$(mktemp -d "$d/.fablaunch-doctor-XXXXXX") && rmdir "$t"; } 2>&1); then say state_write ok;',
+    "  else say state_write \"$(printf '%s\\n' \"$err\" | tail -n 1)\"; fi",
+    "  say state_kb \"$(df -Pk \"$d\" 2>/dev/null | awk 'NR == 2 {print $4}')\"",
+    "fi",
+]
+
+
 def host_payload(workdir: str, python: str, job: str | None, port: int | None, master_addr: str) -> str:
     """Every per-host check as one bash script printing `key=value` lines (see `parse_fields`).
 
@@ -151,6 +171,7 @@ def host_payload(workdir: str, python: str, job: str | None, port: int | None, m
         f"if [ -d {wd} ]; then say workdir ok; "
         f"say disk_kb \"$(df -Pk {wd} 2>/dev/null | awk 'NR == 2 {{print $4}}')\"; else say workdir missing; fi",
         'say nofile "$(ulimit -n)"',
+        *STATE_DIR_LINES,
         f"if {python_found(python)}; then",
         f"  say python_path \"$(command -v {py})\"",
         f"  out=$(cd {wd} 2>/dev/null; bounded {PROBE_SECONDS} {py} -c {sh(PYTHON_PROBE)} 2>&1); rc=$?",
@@ -264,6 +285,8 @@ def host_checks(fields: Mapping[str, str], *, workdir: str, python: str, expecte
         checks["workdir"] = fail(workdir, "missing", f"working directory {workdir} does not exist")
         checks["disk"] = skip("no working directory")
 
+    checks["state_dir"] = _state_dir(fields)
+
     nofile = fields.get("nofile", "")
     if nofile.isdigit() and int(nofile) < NOFILE_WARN:
         checks["nofile"] = warn(int(nofile), nofile, f"open-files limit (ulimit -n) is {nofile}; DataLoader workers "
@@ -304,6 +327,29 @@ def _disk(kib: str, workdir: str) -> Check:
     if gib < DISK_WARN_GIB:
         return warn(gib, f"{gib:g} GiB", f"only {gib:g} GiB free in {workdir} (logs, checkpoints)")
     return ok(gib, f"{gib:g} GiB")
+
+
+def _state_dir(fields: Mapping[str, str]) -> Check:
+    """~/.fablaunch, where launches keep every job's files: writable, and with room for logs."""
+    path = fields.get("state_path") or "~/.fablaunch"
+    write, kib = fields.get("state_write"), fields.get("state_kb", "")
+    if write is None:
+        return warn(None, "?", f"could not check {path}")
+    if write != "ok":
+        why = write.rsplit(": ", 1)[-1].strip() or "unknown error"
+        return fail(None, "not writable", f"{path} is not writable ({why}): a launch keeps every job's scripts, logs "
+                                          "and exit records there")
+    if not kib.isdigit():
+        return warn(None, "?", f"could not read the free space for {path}")
+    mib = int(kib) // 1024
+    text = f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib} MiB"
+    if mib < STATE_FAIL_MIB:
+        return fail(mib, text, f"only {text} free for {path} (under {STATE_FAIL_MIB} MiB): a job's logs and exit "
+                               "records would be cut off")
+    if mib < STATE_WARN_MIB:
+        return warn(mib, text, f"only {text} free for {path} (under {STATE_WARN_MIB} MiB): a chatty job's logs "
+                               "can fill it")
+    return ok(mib, text)
 
 
 def _python_checks(fields: Mapping[str, str], python: str) -> dict[str, Check]:
@@ -587,7 +633,7 @@ def report(results: Mapping[str, Mapping[str, Check]], plan: Plan) -> None:
     """The table, then one line per failure and warning."""
     columns = ("host", *(LABELS.get(n, n) for n in CHECKS))
     ui.table(f"fab doctor: {len(results)} hosts, master {plan.master_addr}:{plan.port}, workdir {plan.workdir}",
-             columns, table_rows(results))
+             columns, table_rows(results), markup=True)  # the cells are escaped markup, coloured by status
     for host, name, check in problems(results):
         ui.say(f"{check.status.upper()} {host} {LABELS.get(name, name)}: {check.message}",
                "red" if check.status == "fail" else "yellow")
@@ -599,7 +645,8 @@ def doctor_(c, gpus=None, hosts=None, spec=None, python=None, workdir=None, port
            parallel=None, json_=False):
     """Check every host for what would make a launch fail or a job hang; exit 1 if anything would.
 
-    Per host, in parallel: ssh (connect time), tmux, working directory and free disk, the interpreter,
+    Per host, in parallel: ssh (connect time), tmux, working directory and free disk, ~/.fablaunch
+    (writable, at least 100 MiB free, else it fails; under 1 GiB warns), the interpreter,
     python/torch/CUDA/NCCL versions (the same on every host), GPUs (nvidia-smi) against the host file,
     clock offset, open-files limit, py-spy, a running job of --job's name; MASTER_PORT free on the
     first host, and a TCP connection from every host to MASTER_ADDR:MASTER_PORT (a temporary listener).
@@ -609,7 +656,7 @@ def doctor_(c, gpus=None, hosts=None, spec=None, python=None, workdir=None, port
                                            port=int_flag(port, "--port"), master_addr=master_addr,
                                            parallel=parallel_flag(parallel) if parallel is not None else None)
     try:
-        with Executor(c.config, job_spec.parallel) as ex:
+        with Executor(c.config, job_spec.parallel, deadline=60) as ex:
             results = check_hosts(ex, plan, interpreter, job_spec.name)
     except KeyboardInterrupt:
         raise Exit("fablaunch: doctor interrupted", code=130) from None

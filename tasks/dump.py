@@ -331,7 +331,7 @@ def dump_(c, job=None, rank=None, locals_=False, json_=False, hosts=None, gpus=N
     """
     wanted = [int_flag(r, "--rank") or 0 for r in rank or []]
     host_list = targets(job, hosts, gpus)
-    with Executor(c.config, parallel_flag(parallel)) as ex:
+    with Executor(c.config, parallel_flag(parallel), deadline=60) as ex:
         name = job or latest_job(ex, host_list)
         dumps = collect(ex, host_list, name, wanted, locals_)
     order = [h.spec for h in host_list]

@@ -8,12 +8,24 @@ one-line message naming the flag and exit code 2, so bad input never launches or
 from __future__ import annotations
 
 import functools
+import math
+import re
 from typing import Any
 
 from invoke import Exit
 
 from .errors import UsageError
-from .spec import DEFAULT_PARALLEL
+from .spec import DEFAULT_PARALLEL, MAX_PARALLEL
+
+# Longest wait any seconds flag accepts: one week. Beyond it a typo (or `inf`, `1e300`) is far likelier
+# than intent, and an unbounded value overflows the shell's integer arithmetic on the hosts.
+MAX_SECONDS = 7 * 24 * 3600
+
+# ASCII only: Python's int() and float() also take full-width and other Unicode digits, surrounding
+# whitespace and '_' separators, none of which a user means or the shell tools on the hosts accept.
+_INTEGER = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+_MAX_DIGITS = 1000  # int() refuses over 4300 digits with a ValueError; no flag needs a tenth of this
 
 
 def usage_error(exc: UsageError) -> Exit:
@@ -34,32 +46,44 @@ def usage_errors(fn: Any) -> Any:
     return wrapper
 
 
-def int_flag(value: Any, flag: str, default: int | None = None) -> int | None:
-    """An integer flag (None when not given and no default)."""
+def int_flag(value: Any, flag: str, default: int | None = None, *,
+             minimum: int | None = None, maximum: int | None = None) -> int | None:
+    """An integer flag written in ASCII digits (None when not given and no default), within the bounds given."""
     if value is None:
         return default
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(flag, f"{value!r} is not an integer") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _INTEGER.fullmatch(value):
+        if len(value) > _MAX_DIGITS:
+            raise UsageError(flag, f"has {len(value)} digits, more than any {flag} can use")
+        number = int(value)
+    else:
+        raise UsageError(flag, f"{value!r} is not an integer (write it in the digits 0-9)")
+    if minimum is not None and number < minimum:
+        raise UsageError(flag, f"must be at least {minimum}, not {value}")
+    if maximum is not None and number > maximum:
+        raise UsageError(flag, f"must be at most {maximum}, not {value}")
+    return number
 
 
 def seconds_flag(value: Any, flag: str, default: float | None = None) -> float | None:
-    """A non-negative number of seconds (None when not given and no default)."""
+    """A number of seconds from 0 to a week, e.g. `10` or `2.5` (None when not given and no default)."""
     if value is None:
         return default
-    try:
-        result = float(value)
-    except ValueError:
-        raise UsageError(flag, f"{value!r} is not a number") from None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number and not (isinstance(value, str) and _DECIMAL.fullmatch(value)):
+        raise UsageError(flag, f"{value!r} is not a number of seconds (write e.g. 10 or 2.5)")
+    result = float(value)
+    if not math.isfinite(result):
+        raise UsageError(flag, f"must be a finite number of seconds, not {value}")
     if result < 0:
         raise UsageError(flag, f"must not be negative, not {value}")
+    if result > MAX_SECONDS:
+        raise UsageError(flag, f"must be at most {MAX_SECONDS} seconds (one week), not {value}")
     return result
 
 
 def parallel_flag(value: Any) -> int:
-    """--parallel: hosts contacted at once, at least 1."""
-    count = int_flag(value, "--parallel", DEFAULT_PARALLEL) or DEFAULT_PARALLEL
-    if count < 1:
-        raise UsageError("--parallel", f"must be at least 1, not {value}")
-    return count
+    """--parallel: hosts contacted at once, from 1 to MAX_PARALLEL (0 is an error, not the default)."""
+    count = int_flag(value, "--parallel", minimum=1, maximum=MAX_PARALLEL)
+    return DEFAULT_PARALLEL if count is None else count

@@ -16,10 +16,15 @@ from pathlib import Path
 from .errors import UsageError
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1"})
+# Most GPUs (or workers) one node may claim: far above any real machine, so a bigger number is a typo.
+MAX_SLOTS = 1024
 
 _METACHARACTERS = set(";|&$`'\"<>()\\*?{}!~^%,=")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]")
 _USER = re.compile(r"[A-Za-z0-9_.-]+")
+# ASCII digits only: str.isdigit() and int() also take full-width and other Unicode digits,
+# which ssh and torchrun do not.
+_DIGITS = re.compile(r"[0-9]+")
 _LABEL = str.maketrans({":": "+", "[": "=", "]": "="})
 
 
@@ -59,13 +64,17 @@ def parse_host(text: str, where: str) -> Host:
     bad = sorted(set(text) & _METACHARACTERS)
     if bad:
         raise UsageError(where, f"{text!r} is not a valid host: shell metacharacter {' '.join(bad)}")
-    user, _, rest = text.rpartition("@")
-    if user and not _USER.fullmatch(user):
-        raise UsageError(where, f"{text!r} is not a valid host: bad user name {user!r}")
+    user, at, rest = text.rpartition("@")
+    # An empty user (`@host`) would silently become "no user"; say so rather than guess.
+    if at and not _USER.fullmatch(user):
+        why = "nothing before '@' (drop the '@' or name the user)" if not user else f"bad user name {user!r}"
+        raise UsageError(where, f"{text!r} is not a valid host: {why}")
+    if not rest:
+        raise UsageError(where, f"{text!r} is not a valid host: no host name after '@'")
     name, port = rest, None
     if rest.count(":") == 1 or (rest.startswith("[") and "]:" in rest):
         name, _, port_text = rest.rpartition(":")
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not _DIGITS.fullmatch(port_text) or len(port_text) > 5 or not 0 < int(port_text) < 65536:
             raise UsageError(where, f"{text!r} is not a valid host: port {port_text!r} is not 1-65535")
         port = int(port_text)
     if not _NAME.fullmatch(name) or name.startswith(("-", ".")):
@@ -99,10 +108,7 @@ def read_hosts(path: Path) -> list[Host]:
         fields = text.split()
         slots = None
         if len(fields) == 2 and fields[1].startswith("slots="):
-            value = fields[1].removeprefix("slots=")
-            if not value.isdigit() or int(value) < 1:
-                raise UsageError(where, f"slots must be a positive integer, not {value!r}")
-            slots = int(value)
+            slots = _slots(fields[1].removeprefix("slots="), where)
             text = fields[0]
         host = parse_host(text, where)
         if host.spec in seen:
@@ -110,6 +116,15 @@ def read_hosts(path: Path) -> list[Host]:
         seen[host.spec] = where
         hosts.append(Host(host.spec, host.name, host.user, host.port, slots))
     return hosts
+
+
+def _slots(value: str, where: str) -> int:
+    """The N of ` slots=N`: ASCII digits, 1 to MAX_SLOTS."""
+    if not _DIGITS.fullmatch(value) or not value.strip("0"):
+        raise UsageError(where, f"slots must be a positive integer, not {value!r}")
+    if len(value) > 9 or int(value) > MAX_SLOTS:  # int() of thousands of digits raises
+        raise UsageError(where, f"slots must be at most {MAX_SLOTS}, not {value}")
+    return int(value)
 
 
 def read_gpus(path: Path) -> list[Host]:

@@ -41,10 +41,10 @@ def targets(job: str | None, hosts: str | None, gpus: str | None) -> list[Host]:
     Explicit files must exist; the default ./hosts and ./gpus are used when present. Without any
     of these there is nothing to ask, which is a usage error.
     """
-    if job:
+    if job is not None:  # `--job ''` (an empty $JOB in a script) must never mean "every job"
         check_job_name(job, "--job")
     found: dict[str, Host] = {}
-    recs = [r for r in [records.load(job)] if r] if job else records.load_all()
+    recs = [r for r in [records.load(job)] if r] if job is not None else records.load_all()
     for rec in recs:
         for spec in rec.get("hosts", []):
             found.setdefault(spec, parse_host(spec, f"launch record of {rec['job']}"))
@@ -87,7 +87,7 @@ def take_survey(ex: Executor, hosts: list[Host], job: str | None) -> Survey:
             states += survey.parse(host, outcome.stdout)
             continue
         unreachable[host.spec] = outcome.why()
-        for rec in [records.load(job)] if job else records.load_all():
+        for rec in [records.load(job)] if job is not None else records.load_all():
             for s in (rec or {}).get("sessions", []):
                 if s["host"] == host.spec:
                     states.append(SessionState(rec["job"], rec["mode"], host.spec, s["session"],
@@ -109,7 +109,14 @@ _STYLE = {"running": "cyan", "succeeded": "green", "failed": "red", "killed": "r
           "unknown": "magenta"}
 
 
+def shown_state(s: SessionState) -> str:
+    """The state as tables show it: a rank whose tmux session died under it is `running (detached)`."""
+    return "running (detached)" if s.detached else s.state
+
+
 def describe_end(s: SessionState) -> str:
+    if s.state == "lost":
+        return "exit unknown"
     if s.state == "failed":
         return f"exit {s.exit_code}"
     if s.state == "killed":
@@ -126,15 +133,16 @@ def job_table(job: str, states: list[SessionState]) -> Any:
     from rich.table import Table
 
     mode = states[0].mode
-    table = Table(title=f"job {job} ({mode})", title_justify="left")
+    table = Table(title=ui.literal(f"job {job} ({mode})"), title_justify="left")
     for column in ("host", "session", "rank" if mode == "gpus" else "node", "state", "exit", "pid", "run time",
                    "last log line"):
         last = column == "last log line"
         table.add_column(column, no_wrap=True, overflow="ellipsis", min_width=20 if last else None)
     for s in states:
         last = f"{s.last_line[:120]}  ({_age(s.log_age)} ago)" if s.last_line else ""
-        table.add_row(s.host, s.session, str(s.rank if mode == "gpus" else s.node), s.state, describe_end(s),
-                      str(s.pid or ""), _age(s.runtime), last, style=_STYLE.get(s.state))
+        cells = (s.host, s.session, s.rank if mode == "gpus" else s.node, shown_state(s), describe_end(s),
+                 s.pid or "", _age(s.runtime), last)
+        table.add_row(*(ui.literal(c) for c in cells), style=_STYLE.get(s.state))
     return table
 
 
@@ -159,11 +167,10 @@ def summary(job: str, states: list[SessionState]) -> list[str]:
 
 
 def report(result: Survey) -> None:
-    out = ui.console()
     for job, states in result.jobs().items():
-        out.print(job_table(job, states))
+        ui.emit(job_table(job, states))
         for i, line in enumerate(summary(job, states)):
-            out.print(line, markup=False, style="bold" if i == 0 else None)
+            ui.say(line, style="bold" if i == 0 else None)
     for host, why in result.unreachable.items():
         ui.say(f"{host}: unreachable ({why}); its sessions are unknown", "red")
     if not result.states and not result.unreachable:
@@ -179,7 +186,7 @@ def status(c, job=None, hosts=None, gpus=None, json_=False, parallel=None):
     record), unknown (host unreachable). Names the first rank to fail, with its log tail and error.
     """
     host_list = targets(job, hosts, gpus)
-    with Executor(c.config, parallel_flag(parallel)) as ex:
+    with Executor(c.config, parallel_flag(parallel), deadline=20) as ex:
         result = take_survey(ex, host_list, job)
     if json_:
         print(json.dumps([s.as_json() for s in sorted(result.states, key=_order)], indent=2))
@@ -303,7 +310,7 @@ def logs(c, job=None, rank=None, host=None, tail=None, follow=False, hosts=None,
     """
     host_list = targets(job, hosts, gpus)
     ranks = [int_flag(r, "--rank") for r in rank or []]
-    with Executor(c.config, parallel_flag(parallel)) as ex, \
+    with Executor(c.config, parallel_flag(parallel), deadline=20, patient=follow) as ex, \
             contextlib.suppress(KeyboardInterrupt):
         show_logs(ex, host_list, job or latest_job(ex, host_list), ranks, list(host or []),
                   int_flag(tail, "--tail", 50) or 0, follow)
@@ -323,7 +330,7 @@ def attach(c, rank=None, host=None, job=None, hosts=None, gpus=None):
         raise UsageError("--rank/--host", "say which session: --rank N or --host HOST")
     number = int_flag(rank, "--rank")
     host_list = targets(job, hosts, gpus)
-    with Executor(c.config, DEFAULT_PARALLEL) as ex:
+    with Executor(c.config, DEFAULT_PARALLEL, deadline=20) as ex:
         job = job or latest_job(ex, host_list)
         result = take_survey(ex, host_list, job)
     matches = [s for s in result.states if s.job == job
@@ -372,24 +379,91 @@ def stop_job(ex: Executor, hosts: list[Host], job: str | None, grace: float) -> 
     return rows, bad
 
 
-@task(help={**TARGET_HELP, "job": "Job name (default: every job of this project on the hosts).",
-            "grace": "Seconds between SIGINT and SIGTERM, for training code to save (default 10)."})
+STOP_LOCK_WAIT = 300.0  # seconds a stop waits for a launch of the same job from this project to finish
+
+
+@contextlib.contextmanager
+def after_launch(job: str) -> Any:
+    """Wait until no launch of `job` from this project is in progress, and keep new ones out meanwhile.
+
+    Stopping while a launch is still reaching its hosts would stop the hosts it has reached and
+    then let the rest start. A directory where the lock cannot be written cannot launch either.
+    """
+    try:
+        with records.lock(job):
+            yield
+            return
+    except records.Busy as exc:
+        ui.say(f"Waiting for the launch of {job} in progress (pid {exc.pid}) to finish before stopping it...",
+               "yellow", stderr=True)
+    except OSError:
+        yield
+        return
+    try:
+        with records.lock(job, wait=STOP_LOCK_WAIT):
+            yield
+    except records.Busy as exc:
+        raise Exit(f"fablaunch: {exc} for over {STOP_LOCK_WAIT:g}s; nothing was stopped", code=1) from None
+
+
+def confirm(question: str) -> bool:
+    """Ask a yes/no question on the terminal; False when nobody answers yes."""
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+@task(help={**TARGET_HELP,
+            "job": "Job name (default: every job launched from this directory, as its launch records say).",
+            "grace": "Seconds between SIGINT and SIGTERM, for training code to save (default 10).",
+            "all": "Stop every fablaunch job on the hosts, other projects' too (asks first on a terminal).",
+            "yes": "With --all: do not ask for confirmation."})
 @usage_errors
-def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None):
+def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None, all_=False, yes=False):
     """Stop a job everywhere: SIGINT, then SIGTERM and SIGKILL to every process of it, then its sessions.
 
-    Processes are found by a marker every process of the job inherits (DataLoader workers and
-    setsid'd children included); nothing this project did not start is touched. Logs, exit records
-    and error files are kept. Exits 1 if a process survived or a host was unreachable.
+    Without --job, stops the jobs launched from this directory (its launch records) and names them;
+    every fablaunch job on the hosts needs --all. Processes are found by a marker every process of the
+    job inherits (DataLoader workers, setsid'd children and ranks whose tmux server died included);
+    nothing else is touched. A launch of the job in progress here is waited for first. Logs, exit
+    records and error files are kept. Exits 1 if a process survived or a host was unreachable.
     """
-    host_list = targets(job, hosts, gpus)
+    if job is not None and all_:
+        raise UsageError("--job/--all", "give one: --job NAME stops one job, --all stops every job")
+    if job is not None:  # before anything, a lock file included, is made from the name
+        check_job_name(job, "--job")
     grace_s = seconds_flag(grace, "--grace", 10.0) or 0.0
-    with Executor(c.config, parallel_flag(parallel)) as ex:
-        rows, bad = stop_job(ex, host_list, job, grace_s)
+    if all_:
+        host_list = targets(None, hosts, gpus)
+        if sys.stdin.isatty() and not yes and not confirm(
+                f"Stop every fablaunch job, of any project, on {len(host_list)} hosts "
+                f"({', '.join(h.spec for h in host_list[:8])}{', ...' if len(host_list) > 8 else ''})?"):
+            raise Exit("fablaunch: nothing was stopped", code=1)
+        with Executor(c.config, parallel_flag(parallel), deadline=grace_s + 20) as ex:
+            rows, bad = stop_job(ex, host_list, None, grace_s)
+        return _report_stop("every job", rows, bad)
+    names = [job] if job is not None else [r["job"] for r in records.load_all()]
+    if not names:
+        raise UsageError("--job", "no job was launched from this directory (no launch records in "
+                         f"{records.RECORDS_DIR}): name one with --job, or stop every job on the hosts with --all")
+    if job is None:
+        ui.say(f"Stopping the jobs launched from this directory: {', '.join(names)}")
+    rows, bad = [], 0
+    with Executor(c.config, parallel_flag(parallel), deadline=grace_s + 20) as ex:
+        for name in names:
+            with after_launch(name):
+                job_rows, job_bad = stop_job(ex, targets(name, hosts, gpus), name, grace_s)
+            rows += [(r[0], name, *r[2:]) for r in job_rows]
+            bad += job_bad
+    return _report_stop(job or ", ".join(names), rows, bad)
+
+
+def _report_stop(what: str, rows: list[tuple[Any, ...]], bad: int) -> None:
     if all(r[-1] == "nothing to stop" for r in rows):
-        ui.say(f"Nothing to stop{f' for job {job}' if job else ''} on {len(rows)} hosts.")
+        ui.say(f"Nothing to stop for {what} on {len({r[0] for r in rows})} hosts.")
         return
-    ui.table(f"Stop {job or 'all jobs'}", ("host", "jobs", "processes", "sessions", "result"), rows,
+    ui.table(f"Stop {what}", ("host", "jobs", "processes", "sessions", "result"), rows,
              ["green" if r[-1] in ("stopped", "nothing to stop") else "red" for r in rows])
     if bad:
         raise Exit(f"fablaunch: {bad} hosts not verified clean", code=1)
@@ -406,9 +480,15 @@ def wait_for(c: Any, ex: Executor, hosts: list[Host], job: str, timeout: float |
     from rich.live import Live
 
     start = time.monotonic()
+    first = take_survey(ex, hosts, job)
+    if not any(s.job == job for s in first.states):
+        where = f"{len(hosts)} hosts" + (f"; unreachable: {', '.join(first.unreachable)}" if first.unreachable else "")
+        if first.unreachable:
+            raise Exit(f"fablaunch: job {job} not found on the reachable hosts ({where})", code=1)
+        raise UsageError("--job", f"no job {job} on the hosts ({where}); `fab status` lists the jobs there")
+    result = first
     with Live(console=ui.console(stderr=True), auto_refresh=False, transient=True) as live:
         while True:
-            result = take_survey(ex, hosts, job)
             states = [s for s in result.states if s.job == job]
             if states:
                 live.update(job_table(job, states), refresh=True)
@@ -426,11 +506,13 @@ def wait_for(c: Any, ex: Executor, hosts: list[Host], job: str, timeout: float |
                 break
             if timeout is not None and time.monotonic() - start > timeout:
                 live.stop()
-                ui.console().print(job_table(job, states))
+                if states:
+                    ui.emit(job_table(job, states))
                 ui.say(f"Timed out after {timeout:g}s; job {job} keeps running.", "yellow")
                 return 124
             time.sleep(interval)
-    ui.console().print(job_table(job, states))
+            result = take_survey(ex, hosts, job)
+    ui.emit(job_table(job, states))
     for line in summary(job, states):
         ui.say(line)
     lost = [s for s in states if s.state == "lost"]
@@ -451,7 +533,7 @@ def wait(c, job=None, timeout=None, fail_fast=False, hosts=None, gpus=None, para
     A rank killed by a signal gives 1; --timeout gives 124.
     """
     host_list = targets(job, hosts, gpus)
-    with Executor(c.config, parallel_flag(parallel)) as ex:
+    with Executor(c.config, parallel_flag(parallel), deadline=30) as ex:
         name = job or latest_job(ex, host_list)
         code = wait_for(c, ex, host_list, name, seconds_flag(timeout, "--timeout"), fail_fast)
     if code:
@@ -469,7 +551,7 @@ def errors_(c, job=None, json_=False, hosts=None, gpus=None, parallel=None):
     Exits 1 if a host could not be asked (its failures are missing).
     """
     host_list = targets(job, hosts, gpus)
-    with Executor(c.config, parallel_flag(parallel)) as ex:
+    with Executor(c.config, parallel_flag(parallel), deadline=20) as ex:
         name = job or latest_job(ex, host_list)
         result = take_survey(ex, host_list, name)
     found = failures.collect([s for s in result.states if s.job == name])

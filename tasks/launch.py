@@ -8,7 +8,11 @@ half-started job never sits on the cluster holding GPUs and waiting for ranks th
 
 from __future__ import annotations
 
+import contextlib
+import secrets
+import signal
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ from .executor import REMOTE_SHELL, Executor, Held, Outcome
 from .flags import int_flag, usage_error
 from .hostfile import Host, read_gpus, read_hosts
 from .plan import Plan, plan_gpus, plan_torchrun
-from .scripts import kill_payload, launch_payload, preflight_payload, session_script
+from .scripts import EXISTS_CODE, kill_payload, launch_payload, preflight_payload, session_script
 from .spec import JobSpec, build_spec, check_job_name, default_job_name, default_python, default_workdir, parse_env
 
 COMMON_HELP = {
@@ -32,6 +36,7 @@ COMMON_HELP = {
     "port": "MASTER_PORT / rendezvous port on the first host (default 5001).",
     "master_addr": "Address the ranks reach the first host at (default: the first host as ssh resolves it).",
     "env": "KEY=VALUE set for every rank; repeatable. Values never appear on a command line.",
+    "secret": "Mask this variable's value in --dry-run, like names with TOKEN, KEY, PASS...; repeatable.",
     "parallel": "Hosts contacted at once (default 32).",
     "replace": "Stop a running job of the same name first instead of refusing.",
     "rollback": "On a failed or interrupted launch, stop what started on the other hosts (default on).",
@@ -51,10 +56,10 @@ def command_argv() -> list[str]:
     return argv[argv.index("--") + 1:] if "--" in argv else []
 
 
-def _spec(spec: str | None, env: list[str] | None, **flags: Any) -> JobSpec:
+def _spec(spec: str | None, env: list[str] | None, secret: list[str] | None = None, **flags: Any) -> JobSpec:
     for name in ("port", "parallel", "max_restarts"):
         flags[name] = int_flag(flags.get(name), f"--{name.replace('_', '-')}")
-    return build_spec(spec, command_argv(), env=parse_env(env or []) or None, **flags)
+    return build_spec(spec, command_argv(), env=parse_env(env or []) or None, secrets=secret, **flags)
 
 
 def resolver(config: Any) -> Callable[[Host], str]:
@@ -112,9 +117,49 @@ def dry_run(plan: Plan, launched: str) -> None:
                          session_script(plan, session, launched, mask=True))
 
 
-def rollback(ex: Executor, plan: Plan, hosts: list[Host]) -> dict[str, Outcome]:
-    """Stop whatever of the job started on these hosts."""
-    return ex.run({h: (REMOTE_SHELL, kill_payload(plan.job, h, grace=2)) for h in hosts})
+def rollback(ex: Executor, plan: Plan, hosts: list[Host], run: str | None = None) -> dict[str, Outcome]:
+    """Stop whatever of the job started on these hosts (only this launch's part of it, given `run`)."""
+    return ex.run({h: (REMOTE_SHELL, kill_payload(plan.job, h, grace=2, run=run)) for h in hosts})
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived during a launch; carries the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Signals:
+    """Turn SIGINT, SIGTERM and SIGHUP into Interrupted while a launch runs, and hold them off later.
+
+    A closed laptop lid (SIGHUP), a CI timeout (SIGTERM) and Ctrl-C must all roll a launch back,
+    not just Ctrl-C; and a second Ctrl-C while the rollback runs must not cut the rollback short.
+    """
+
+    CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.shielded = False
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        if not self.shielded:
+            self.shielded = True  # the first signal wins; later ones wait for the rollback
+            raise Interrupted(signum)
+        if signum == signal.SIGINT:
+            ui.say("Still rolling back; the launch exits when every host is clean.", "yellow", stderr=True)
+
+    def __enter__(self) -> Signals:
+        for signum in self.CAUGHT:
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def _results_table(title: str, plan: Plan, outcomes: dict[str, Outcome], note: dict[str, str] | None = None) -> None:
@@ -141,7 +186,7 @@ def launch_then(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_fai
     from .jobs import show_logs, wait_for
 
     hosts = list(plan.hosts)
-    with Executor(c.config, spec.parallel) as ex:
+    with Executor(c.config, spec.parallel, deadline=20, patient=follow) as ex:
         if follow:
             try:
                 show_logs(ex, hosts, plan.job, [], [], 50, True)
@@ -153,49 +198,115 @@ def launch_then(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_fai
         raise Exit(code=code)
 
 
+@dataclass
+class Attempt:
+    """One launch in progress: what its rollback, its results table and the project history need."""
+
+    plan: Plan
+    launched: str
+    run: str = field(default_factory=lambda: secrets.token_hex(6))
+    executor: Executor | None = None
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    def note(self, outcome: str) -> None:
+        """Keep a line of what this launch did in the project's history; never fatal (a full disk)."""
+        with contextlib.suppress(OSError):
+            records.note({"job": self.plan.job, "run": self.run, "launched": self.launched, "mode": self.plan.mode,
+                          "hosts": [h.spec for h in self.plan.hosts], "outcome": outcome})
+
+
 def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool,
            preflight: bool = True) -> Plan:
-    """Plan, check, launch and (on failure) roll back a job; raise Exit unless every session started.
+    """Plan, check, launch and (on failure or a signal) roll back a job; raise Exit unless every session started.
 
     Without `preflight` the hosts are not checked first (the launch payload still refuses a host
-    without tmux or the working directory, and rolls the rest back); `replace` still stops an old job.
+    without tmux or the working directory, or where the job already runs, and rolls the rest back);
+    `replace` still stops an old job. The first host is launched before the others: its lock decides
+    between two launches of one name, so the loser is refused before it touches any other host.
     """
     plan, hostfile = _make_plan(c, mode, spec)
-    launched = datetime.now().astimezone().isoformat(timespec="seconds")
+    attempt = Attempt(plan, datetime.now().astimezone().isoformat(timespec="seconds"))
     if dry:
-        dry_run(plan, launched)
+        dry_run(plan, attempt.launched)
         return plan
-    with Executor(c.config, spec.parallel) as ex:
-        try:
-            held = _preflight(ex, plan, replace) if preflight else {}
-            if replace and not preflight:
-                _stop_running(ex, plan)
-            payloads = {h.spec: launch_payload(plan, plan.on(h), launched) for h in plan.hosts}
-            with ui.progress(f"launching {plan.job}", len(plan.hosts)) as advance:
-                if held:  # the shells that ran the checks run the launch too: one remote shell per host
-                    outcomes = ex.release(held, payloads, on_done=advance)
-                else:
-                    outcomes = ex.run({h: (REMOTE_SHELL, payloads[h.spec]) for h in plan.hosts}, on_done=advance)
-        except KeyboardInterrupt:
-            ui.say("Interrupted: rolling back every host.", "yellow", stderr=True)
-            ex.cancel()  # hosts still writing files stop at the payload's guard, before any session
-            rollback(ex, plan, list(plan.hosts))
-            raise Exit("fablaunch: launch interrupted; nothing of the job is left running", code=130) from None
-        failed = [h for h in plan.hosts if not outcomes[h.spec].ok]
-        if failed:
-            note = {}
-            if rollback_on_failure:
-                undone = rollback(ex, plan, [h for h in plan.hosts if outcomes[h.spec].reached])
-                note = {spec: "rolled back" if o.ok else f"rollback failed: {o.why()}"
-                        for spec, o in undone.items() if outcomes[spec].ok}
-            _results_table(f"Launch of {plan.job} failed", plan, outcomes, note)
-            raise Exit(f"fablaunch: {len(failed)} of {len(plan.hosts)} hosts failed to launch job {plan.job}"
-                       + ("; the rest was rolled back" if rollback_on_failure else "; the rest keeps running"),
-                       code=1)
-    path = records.save(records.record(plan, launched, hostfile))
-    _results_table(f"Launched {plan.job}: {len(plan.sessions)} sessions on {len(plan.hosts)} hosts", plan, outcomes)
+    try:
+        with records.lock(plan.job), Signals() as signals:
+            try:
+                _start(c, attempt, spec, replace, rollback_on_failure, preflight)
+                path = records.save(records.record(plan, attempt.launched, hostfile, attempt.run))
+                signals.shielded = True  # launched and recorded: a late signal no longer undoes it
+            except Interrupted as exc:
+                signals.shielded = True
+                _roll_back_interrupted(c, attempt, spec, exc.signum)
+    except records.Busy as exc:
+        raise Exit(f"fablaunch: {exc}; nothing was launched", code=1) from None
+    except OSError as exc:  # the project directory: lock and record live in ./.fablaunch
+        raise Exit(f"fablaunch: cannot write {Path.cwd() / '.fablaunch'} ({exc.strerror or exc}): launch from a "
+                   "writable directory (fab -r REPO works from anywhere); nothing was launched", code=1) from None
+    attempt.note("started")
+    _results_table(f"Launched {plan.job}: {len(plan.sessions)} sessions on {len(plan.hosts)} hosts", plan,
+                   attempt.outcomes)
     ui.say(f"Logs: {plan.sessions[0].dir.rsplit('/', 1)[0]}/<host>/ on each host; record: {path}")
     return plan
+
+
+def _roll_back_interrupted(c: Any, attempt: Attempt, spec: JobSpec, signum: int) -> None:
+    """Undo this launch everywhere after a signal, then exit 128+signal."""
+    plan, name = attempt.plan, signal.Signals(signum).name
+    ui.say(f"{name}: rolling back every host.", "yellow", stderr=True)
+    if attempt.executor is not None:
+        attempt.executor.cancel()  # hosts still writing files stop at the payload's guard, before any session
+    with Executor(c.config, spec.parallel, deadline=30) as ex:
+        undone = rollback(ex, plan, list(plan.hosts), attempt.run)
+    dirty = [host for host, o in undone.items() if not o.ok or " left=0 " not in o.stdout]
+    attempt.note(f"rolled back after {name}" + (f"; not verified on {', '.join(dirty)}" if dirty else ""))
+    if dirty:
+        raise Exit(f"fablaunch: launch interrupted by {name}; rollback could not be verified on {', '.join(dirty)}: "
+                   f"run `fab stop --job {plan.job}`", code=128 + signum)
+    raise Exit(f"fablaunch: launch interrupted by {name}; nothing of the job is left running", code=128 + signum)
+
+
+def _start(c: Any, attempt: Attempt, spec: JobSpec, replace: bool, rollback_on_failure: bool,
+           preflight: bool) -> None:
+    """Check the hosts and start every session: the first host first, then the rest at once."""
+    plan = attempt.plan
+    with Executor(c.config, spec.parallel, deadline=30) as ex:
+        attempt.executor = ex
+        held = _preflight(ex, plan, replace) if preflight else {}
+        if replace and not preflight:
+            _stop_running(ex, plan)
+        payloads = {h.spec: launch_payload(plan, plan.on(h), attempt.launched, run=attempt.run) for h in plan.hosts}
+        first, rest = plan.hosts[0], plan.hosts[1:]
+        outcomes = attempt.outcomes
+        with ui.progress(f"launching {plan.job}", len(plan.hosts)) as advance:
+            if held:  # the shells that ran the checks run the launch too: one remote shell per host
+                outcomes |= ex.release({first.spec: held[first.spec]}, payloads, on_done=advance)
+            else:
+                outcomes |= ex.run({first: (REMOTE_SHELL, payloads[first.spec])}, on_done=advance)
+            if outcomes[first.spec].exit_code == EXISTS_CODE:
+                if held:
+                    ex.release({h.spec: held[h.spec] for h in rest}, {})  # end the waiting shells unused
+                attempt.note("refused: already running or being launched")
+                raise Exit(f"fablaunch: job {plan.job} is already running or being launched on {first.spec} "
+                           f"({outcomes[first.spec].why()}); nothing was launched", code=1)
+            if held:
+                outcomes |= ex.release({h.spec: held[h.spec] for h in rest}, payloads, on_done=advance)
+            else:
+                outcomes |= ex.run({h: (REMOTE_SHELL, payloads[h.spec]) for h in rest}, on_done=advance)
+        failed = [h for h in plan.hosts if not outcomes[h.spec].ok]
+        if not failed:
+            return
+        note = {}
+        if rollback_on_failure:
+            undone = rollback(ex, plan, [h for h in plan.hosts if outcomes[h.spec].reached], attempt.run)
+            note = {host: "rolled back" if o.ok else f"rollback failed: {o.why()}"
+                    for host, o in undone.items() if outcomes[host].ok}
+        _results_table(f"Launch of {plan.job} failed", plan, outcomes, note)
+        attempt.note(f"failed on {', '.join(h.spec for h in failed)}"
+                     + ("; rolled back" if rollback_on_failure else "; the rest kept running"))
+        raise Exit(f"fablaunch: {len(failed)} of {len(plan.hosts)} hosts failed to launch job {plan.job}"
+                   + ("; the rest was rolled back" if rollback_on_failure else "; the rest keeps running"),
+                   code=1)
 
 
 def _preflight(ex: Executor, plan: Plan, replace: bool) -> dict[str, Held]:
@@ -209,7 +320,7 @@ def _preflight(ex: Executor, plan: Plan, replace: bool) -> dict[str, Held]:
     python = _python_to_check(plan)
     master = plan.hosts[0]
     held = ex.hold({h: (REMOTE_SHELL, preflight_payload(plan, python, check_port=h == master and not replace,
-                                                        held=True)) for h in plan.hosts})
+                                                        held=True, host=h)) for h in plan.hosts})
     outcomes = {spec: h.outcome for spec, h in held.items()}
     try:
         _refuse_failed(plan, outcomes)
@@ -221,7 +332,7 @@ def _preflight(ex: Executor, plan: Plan, replace: bool) -> dict[str, Held]:
         if running:
             _stop_running(ex, plan)
         if replace:
-            again = ex.run({master: (REMOTE_SHELL, preflight_payload(plan, python, check_port=True))})
+            again = ex.run({master: (REMOTE_SHELL, preflight_payload(plan, python, check_port=True, host=master))})
             _refuse_failed(plan, {**outcomes, **again})
     except BaseException:
         ex.release(held, {})  # end the waiting shells unused
@@ -248,11 +359,11 @@ def _stop_running(ex: Executor, plan: Plan) -> None:
 
 @task(
     help={**COMMON_HELP, "gpus": "File listing one host per GPU, in rank order (default ./gpus)."},
-    iterable=["env"],
+    iterable=["env", "secret"],
 )
 def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
                 env=None, parallel=None, replace=False, rollback=True, dry_run=False, wait=False, follow=False,
-                preflight=True):
+                preflight=True, secret=None):
     """Start one tmux session per line of the gpus file, each a rank with the torchrun environment.
 
     Usage: fab launch-gpus [flags] -- train.py --your --args. Every rank gets RANK, LOCAL_RANK,
@@ -260,7 +371,7 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
     own TORCHELASTIC_ERROR_FILE; logs and exit codes are kept per rank on each host.
     """
     try:
-        job_spec = _spec(spec, env, gpus=gpus, name=job, python=python, workdir=workdir, port=port,
+        job_spec = _spec(spec, env, secret, gpus=gpus, name=job, python=python, workdir=workdir, port=port,
                          master_addr=master_addr, parallel=parallel)
     except UsageError as exc:
         raise usage_error(exc) from None
@@ -274,18 +385,18 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
         "nproc_per_node": "Workers per node for torchrun (default: the host's slots, else `gpu`).",
         "max_restarts": "torchrun --max-restarts: restarts of the whole worker group on failure.",
     },
-    iterable=["env"],
+    iterable=["env", "secret"],
 )
 def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
                     env=None, parallel=None, nproc_per_node=None, max_restarts=None, replace=False, rollback=True,
-                    dry_run=False, wait=False, follow=False, preflight=True):
+                    dry_run=False, wait=False, follow=False, preflight=True, secret=None):
     """Start torchrun on every node of the hosts file (one tmux session each), meeting at c10d rendezvous.
 
     Usage: fab launch-torchrun [flags] -- train.py --your --args. The first host serves the
     rendezvous; each node runs --nproc-per-node workers with logs under its own job directory.
     """
     try:
-        job_spec = _spec(spec, env, hosts=hosts, name=job, python=python, workdir=workdir, port=port,
+        job_spec = _spec(spec, env, secret, hosts=hosts, name=job, python=python, workdir=workdir, port=port,
                          master_addr=master_addr, parallel=parallel,
                          nproc_per_node=nproc_per_node, max_restarts=max_restarts)
     except UsageError as exc:

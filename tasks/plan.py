@@ -20,7 +20,12 @@ MODES = ("gpus", "torchrun")
 # Variables fablaunch owns. FABLAUNCH_TAG marks every process of a job on one host, children and
 # setsid'd grandchildren included, so `stop` can find them through /proc/PID/environ.
 TAG_VAR = "FABLAUNCH_TAG"
-_RESERVED = frozenset({TAG_VAR, "FABLAUNCH_JOB", "FABLAUNCH_HOST", "TORCHELASTIC_ERROR_FILE"})
+# The torchrun environment contract: set per rank here in per-GPU mode, by torchrun in per-node mode.
+# A user's value would silently lose (or break the rendezvous), so setting one is an error instead.
+RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+            "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_RESERVED = frozenset({TAG_VAR, "FABLAUNCH_JOB", "FABLAUNCH_HOST", "TORCHELASTIC_ERROR_FILE", *RANK_ENV})
+_INSTEAD = {"MASTER_ADDR": "--master-addr (spec key master_addr)", "MASTER_PORT": "--port (spec key port)"}
 
 
 class RemotePath(str):
@@ -83,6 +88,7 @@ class Plan:
     master_addr: str
     port: int
     extra: dict[str, object] = field(default_factory=dict)
+    secrets: frozenset[str] = frozenset()  # env keys the user marked secret (--secret): a dry run masks them
 
     def on(self, host: Host) -> list[Session]:
         """The sessions planned on one host, in rank order."""
@@ -122,11 +128,23 @@ def _master(spec: JobSpec, hosts: list[Host], resolve: Callable[[Host], str]) ->
     return resolve(first)
 
 
+def reserved_env(key: str) -> str | None:
+    """Why a user may not set `key` (None if they may): fablaunch or torchrun sets it for every rank.
+
+    OMP_NUM_THREADS and PYTHONUNBUFFERED are only defaults and stay the user's to change.
+    """
+    if key not in _RESERVED and not key.startswith("FABLAUNCH_"):
+        return None
+    instead = f"; use {_INSTEAD[key]} instead" if key in _INSTEAD else ""
+    return f"{key} is set by fablaunch for each rank (by torchrun in torchrun mode) and cannot be overridden{instead}"
+
+
 def _base_env(spec: JobSpec, job: str, host: Host, error_file: RemotePath) -> dict[str, str]:
     """Defaults, then the user's variables, then the ones fablaunch must own."""
     for key in spec.env:
-        if key in _RESERVED:
-            raise UsageError("--env", f"{key} is set by fablaunch (one per rank/node), not by --env")
+        problem = reserved_env(key)
+        if problem:
+            raise UsageError("--env", problem)
     env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.update(spec.env)
     env.update({
@@ -178,7 +196,8 @@ def plan_gpus(spec: JobSpec, gpus: list[Host], job: str, python: str, workdir: s
         })
         sessions.append(Session(host, f"{job}-{stem}", stem, node_of[host.spec], rank, local_rank,
                                 argv, tuple(env.items()), d))
-    return Plan(job, "gpus", tuple(hosts), tuple(sessions), tuple(spec.command), workdir, master, spec.port)
+    return Plan(job, "gpus", tuple(hosts), tuple(sessions), tuple(spec.command), workdir, master, spec.port,
+                secrets=frozenset(spec.secrets))
 
 
 def plan_torchrun(spec: JobSpec, hosts: list[Host], job: str, python: str, workdir: str,
@@ -204,7 +223,8 @@ def plan_torchrun(spec: JobSpec, hosts: list[Host], job: str, python: str, workd
         env = _base_env(spec, job, host, RemotePath(f"{d}/{stem}.error.json"))
         sessions.append(Session(host, f"{job}-{stem}", stem, node, None, None,
                                 tuple(argv), tuple(env.items()), d))
-    return Plan(job, "torchrun", tuple(hosts), tuple(sessions), tuple(spec.command), workdir, master, spec.port)
+    return Plan(job, "torchrun", tuple(hosts), tuple(sessions), tuple(spec.command), workdir, master, spec.port,
+                secrets=frozenset(spec.secrets))
 
 
 def _bracket(addr: str) -> str:

@@ -6,8 +6,12 @@ their own, so a machine without the record (or with a stale one) can still find 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +19,62 @@ from .plan import Plan
 from .scripts import session_record
 
 RECORDS_DIR = Path(".fablaunch") / "records"
+LOCKS_DIR = Path(".fablaunch") / "locks"
+HISTORY = Path(".fablaunch") / "history.jsonl"
 
 
-def record(plan: Plan, launched: str, hostfile: str) -> dict[str, Any]:
+class Busy(Exception):
+    """Another fablaunch process holds a job's lock here; carries its pid (None if unknown)."""
+
+    def __init__(self, job: str, pid: int | None) -> None:
+        super().__init__(f"job {job} is being launched by another fab process"
+                         + (f" (pid {pid})" if pid else ""))
+        self.job = job
+        self.pid = pid
+
+
+@contextlib.contextmanager
+def lock(job: str, wait: float = 0.0, root: Path = LOCKS_DIR) -> Iterator[None]:
+    """Hold this project's lock on a job: a launch holds it throughout, a stop waits for it.
+
+    So a second launch of one name from this project is refused at once instead of racing the
+    first, and a stop never runs between a launch's hosts (stopping half, then the rest starting).
+    An flock is released by the kernel when its holder dies, so a killed fab leaves no stale lock.
+    Raises Busy after `wait` seconds; OSError if the lock file cannot be written.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{job}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        end = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= end:
+                    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                    raise Busy(job, int(text) if text.isdigit() else None) from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def note(entry: dict[str, Any], path: Path = HISTORY) -> None:
+    """Append what a launch did (started, refused, rolled back and why) to this project's history."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def record(plan: Plan, launched: str, hostfile: str, run: str = "") -> dict[str, Any]:
     """The launch record of a plan."""
     return {
         "job": plan.job,
+        "run": run,
         "mode": plan.mode,
         "launched": launched,
         "hostfile": os.path.abspath(hostfile),

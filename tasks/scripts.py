@@ -14,13 +14,25 @@ import base64
 import json
 import re
 import shlex
+from collections.abc import Collection
 
 from . import tmux
 from .executor import hold_line
 from .hostfile import Host
-from .plan import TAG_VAR, Plan, RemotePath, Session, tag
+from .plan import JOBS_DIR, TAG_VAR, Plan, RemotePath, Session, job_dir, tag
 
-_SECRET = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|PRIVATE", re.I)
+# Every process of a session carries these (read from /proc/PID/environ): the session it belongs to
+# (so a rank whose tmux server died is still found) and the launch run that started it (so a rollback
+# stops only what its own launch started, never a concurrent launch's ranks).
+SESSION_VAR = "FABLAUNCH_SESSION"
+RUN_VAR = "FABLAUNCH_RUN"
+
+# Names that hold credentials by convention (DB_PASS, MYSQL_PWD, GITHUB_PAT, HF_TOKEN, ...). Masking
+# too much only hides a harmless value in a dry run; masking too little prints a secret.
+_SECRET = re.compile(r"TOKEN|SECRET|PASS|PWD|KEY|CREDENTIAL|AUTH|PRIVATE|(?:^|_)PAT$", re.I)
+# The password of `scheme://user:password@host`, whatever the variable is called: it ends at the
+# authority's last '@' (a '/', '?' or '#' ends the authority, so `http://host:8080/a@b` has none).
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:\s]*:)[^/?#\s]*(?=@)")
 MASK = "*****"
 EXISTS_CODE = 5  # a launch payload's exit code when the job already has sessions on the host
 
@@ -37,8 +49,16 @@ def encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def is_secret(key: str) -> bool:
-    return bool(_SECRET.search(key))
+def is_secret(key: str, marked: Collection[str] = ()) -> bool:
+    """Whether a variable's value is hidden in a dry run: its name looks secret or the user marked it."""
+    return key in marked or bool(_SECRET.search(key))
+
+
+def masked(key: str, value: str, marked: Collection[str] = ()) -> str:
+    """A variable's value as a dry run shows it (shell-quoted): MASK for a secret, URL passwords masked."""
+    if is_secret(key, marked):
+        return MASK
+    return sh(_URL_PASSWORD.sub(rf"\g<1>{MASK}", value))
 
 
 def describe(session: Session) -> str:
@@ -47,11 +67,22 @@ def describe(session: Session) -> str:
     return f"rank {session.rank} (local rank {session.local_rank})"
 
 
-def session_script(plan: Plan, session: Session, launched: str, mask: bool = False) -> str:
-    """The script one tmux session runs: environment, working directory, command, log, exit record."""
+RECORD_BYTES = 255  # an exit record is padded to this size so the final write fits where the first one went
+
+
+def session_script(plan: Plan, session: Session, launched: str, mask: bool = False, run: str = "") -> str:
+    """The script one tmux session runs: environment, working directory, command, log, exit record.
+
+    The exit record is written twice in the same place: a placeholder before the command starts
+    (while the disk still has room) and the real record over it at the end, through a descriptor
+    opened at the start. So a full disk late in a run does not lose the exit code, and a record
+    always lands in this run's file, even after a relaunch has moved the directory aside. The
+    record carries the run id, checked on read, so no other run's record is ever taken for ours.
+    """
     exports = [
-        f"export {key}={MASK if mask and is_secret(key) else sh(value)}" for key, value in session.env
+        f"export {key}={masked(key, value, plan.secrets) if mask else sh(value)}" for key, value in session.env
     ]
+    exports += [f"export {SESSION_VAR}={sh(session_marker(session))}", f"export {RUN_VAR}={sh(run)}"]
     command = " ".join(sh(arg) for arg in session.argv)
     return "\n".join([
         "#!/bin/bash",
@@ -65,11 +96,21 @@ def session_script(plan: Plan, session: Session, launched: str, mask: bool = Fal
         "trap : INT TERM HUP",
         "# bash 5 reads the clock without a fork; EPOCHREALTIME follows the locale's decimal point.",
         "start_time=${EPOCHREALTIME:-$(date +%s.%N)}; start_time=${start_time/,/.}",
+        "record() {",
+        "  local rec",
+        "  printf -v rec '{\"run\": \"%s\", \"exit_code\": %s, \"start_time\": %s, \"end_time\": %s}' \\",
+        '    "$FABLAUNCH_RUN" "$1" "$start_time" "$2"',
+        f"  printf '%-{RECORD_BYTES}s\\n' \"$rec\"",
+        "}",
+        'if ! record null null > "$exit_file" || ! exec 8<>"$exit_file"; then',
+        f"  echo {sh(f'fablaunch: cannot write the exit record on {session.host.spec} (disk full or read-only?)')}"
+        " \"$exit_file\" >&2",
+        "  exit 1",
+        "fi",
         "finish() {",
         "  local end_time=${EPOCHREALTIME:-$(date +%s.%N)}",
-        "  printf '{\"exit_code\": %d, \"start_time\": %s, \"end_time\": %s}\\n' \\",
-        "    \"$1\" \"$start_time\" \"${end_time/,/.}\" > \"$exit_file.tmp\"",
-        '  mv -f "$exit_file.tmp" "$exit_file"',
+        "  # Over the placeholder through fd 8, opened at the start: no new disk space, this run's file.",
+        '  record "$1" "${end_time/,/.}" >&8',
         '  exit "$1"',
         "}",
         f"cd {sh(plan.workdir)} || {{",
@@ -77,16 +118,23 @@ def session_script(plan: Plan, session: Session, launched: str, mask: bool = Fal
         ' | tee -a "$log" >&2',
         "  finish 1",
         "}",
-        f'{command} 2>&1 | tee -ia "$log"',
+        "# tee outlives a hangup (a killed tmux server): the rank's output keeps reaching its log.",
+        f"{command} 8>&- 2>&1 | ( trap '' HUP; exec tee -ia \"$log\" )",
         'finish "${PIPESTATUS[0]}"',
         "",
     ])
 
 
-def manifest(plan: Plan, sessions: list[Session], launched: str) -> str:
+def session_marker(session: Session) -> str:
+    """The value of SESSION_VAR for a session: which session of which host a process belongs to."""
+    return f"{session.name}@{session.host.label}"
+
+
+def manifest(plan: Plan, sessions: list[Session], launched: str, run: str = "") -> str:
     """What a host needs to know about its part of a job, for status from any machine."""
     return json.dumps({
         "job": plan.job,
+        "run": run,
         "mode": plan.mode,
         "host": sessions[0].host.spec,
         "launched": launched,
@@ -107,7 +155,8 @@ def session_record(session: Session) -> dict[str, object]:
 
 def write_files(files: list[tuple[str, str]]) -> list[str]:
     """Shell lines that write every (path, content): one base64 block of `printf` builtins, one decoder."""
-    snippet = "".join(f"printf '%s' {sh(content)} > {path} || exit 3\n" for path, content in files)
+    snippet = "".join(f"printf '%s' {sh(content)} > {path} || {{ echo \"write: cannot write \"{path}\" "
+                      "(disk full or read-only?)\"; exit 3; }\n" for path, content in files)
     data = base64.b64encode(encode(snippet)).decode()
     wrapped = "\n".join(data[i:i + 76] for i in range(0, len(data), 76))
     return ["eval \"$(base64 -d <<'FABLAUNCH_B64'", wrapped, "FABLAUNCH_B64", ')"']
@@ -156,19 +205,31 @@ def _checks(plan: Plan, python: str | None) -> list[str]:
         "fail=0",
         "problem() { echo \"$1\"; fail=1; }",
         "command -v tmux >/dev/null 2>&1 || problem 'tmux: not installed (or not on the PATH of a non-login shell)'",
-        f"[ -d {sh(plan.workdir)} ] || problem {sh(f'workdir: {plan.workdir} does not exist')}",
+        f"if [ ! -d {sh(plan.workdir)} ]; then problem {sh(f'workdir: {plan.workdir} does not exist')}; "
+        f"elif [ ! -w {sh(plan.workdir)} ]; then problem {sh(f'workdir: {plan.workdir} is not writable')}; fi",
+        # Every rank's script, log and exit record go here: a read-only or full home fails now, not mid-run.
+        f'mkdir -p {sh(RemotePath(JOBS_DIR))} 2>/dev/null && [ -w {sh(RemotePath(JOBS_DIR))} ] '
+        f"|| problem {sh(f'home: cannot write {JOBS_DIR} (read-only home?)')}",
     ]
     if python:
         lines.append(f"{python_found(python)} || problem {sh(f'python: {python} not found')}")
     return lines
 
 
-def job_exists(job: str, host: str | None = None) -> str:
-    """A shell test that is true when the job has sessions on this tmux server (tagged for `host`, if given)."""
-    return f"{tmux.list_command(job, host)} | grep -q ."
+def job_exists(job: str, host: Host | None = None) -> str:
+    """A shell test, true when the job is alive here: tagged sessions (for `host`, if given) or processes.
+
+    Processes count as much as sessions: a rank whose tmux server died still holds its GPU and must
+    block a second copy of the job as surely as a live session does.
+    """
+    sessions = f"{tmux.list_command(job, host.spec if host else None)} | grep -q ."
+    if host is None:
+        return sessions
+    return f"{{ {sessions} || [ -n \"$({tagged_pids(job, host)})\" ]; }}"
 
 
-def preflight_payload(plan: Plan, python: str | None, check_port: bool = False, held: bool = False) -> str:
+def preflight_payload(plan: Plan, python: str | None, check_port: bool = False, held: bool = False,
+                      host: Host | None = None) -> str:
     """Check a host before anything is launched anywhere: exit 0, or print `check: message` lines.
 
     `check_port` (for the master host only) also fails when MASTER_PORT is taken there: the job's
@@ -183,17 +244,19 @@ def preflight_payload(plan: Plan, python: str | None, check_port: bool = False, 
     checks = [
         *_checks(plan, python),
         *port,
-        f"if {job_exists(plan.job)}; then echo {sh(f'exists: job {plan.job} already has sessions here')}; fi",
+        f"if {job_exists(plan.job, host)}; then echo {sh(f'exists: job {plan.job} is already running here')}; fi",
     ]
     if held:
         return "\n".join(["{", *checks, "} </dev/null", hold_line('"$fail"'), ""])
     return "\n".join([*checks, 'exit "$fail"', ""])
 
 
-def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable: bool = False) -> str:
+def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable: bool = False, run: str = "") -> str:
     """Write a host's scripts and manifest and start all its sessions in one tmux call.
 
-    `readable` replaces the encoded files by a note, for `--dry-run` (which shows them decoded).
+    The check that the job is not already here and the start of its sessions run under a lock per
+    job and host, so two launches of one name never both start here. `readable` replaces the
+    encoded files by a note, for `--dry-run` (which shows them decoded).
     """
     host = sessions[0].host
     dir_ = plan.host_dir(host)
@@ -202,10 +265,14 @@ def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable:
         "umask 077",
         *_checks(plan, None),
         '[ "$fail" = 0 ] || exit 3',
-        # Only this host's sessions: preflight saw none anywhere, so any now are another launcher's race.
-        f"if {job_exists(plan.job, host.spec)}; then echo {sh(f'exists: job {plan.job} already has sessions here')}; "
-        f"exit {EXISTS_CODE}; fi",
         f"dir={sh(dir_)}",
+        'mkdir -p "${dir%/*}" && exec 9>>"${dir%/*}/.' + host.label + '.lock" || exit 3',
+        "if command -v flock >/dev/null 2>&1 && ! flock -w 60 9; then",
+        f"  echo {sh(f'exists: another launch of job {plan.job} holds its lock here')}; exit {EXISTS_CODE}",
+        "fi",
+        # Preflight saw no job anywhere, so one here now is another launcher's: refuse, touch nothing.
+        f"if {job_exists(plan.job, host)}; then echo {sh(f'exists: job {plan.job} is already running here')}; "
+        f"exit {EXISTS_CODE}; fi",
         "# A relaunch under the same name keeps the earlier run's files: nothing is ever lost.",
         'if [ -e "$dir" ]; then',
         '  old="$(dirname "$dir")/.previous"; mkdir -p "$old"',
@@ -213,56 +280,78 @@ def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable:
         "fi",
         'mkdir -p "$dir" || exit 3',
     ]
-    files = [(f'"$dir/{s.stem}.sh"', session_script(plan, s, launched)) for s in sessions]
-    files.append(('"$dir/manifest.json"', manifest(plan, sessions, launched)))
+    files = [(f'"$dir/{s.stem}.sh"', session_script(plan, s, launched, run=run)) for s in sessions]
+    files.append(('"$dir/manifest.json"', manifest(plan, sessions, launched, run)))
     lines += [f"# writes {path} (shown below)" for path, _ in files] if readable else write_files(files)
     # umask 077 above already makes every file mode 0600.
-    # The guard: if the launcher gave up (Ctrl-C) its end of stdout is gone, this write fails (or
-    # SIGPIPE ends the shell), and no session starts after the rollback has already run.
-    lines += ["printf 'starting\\n' || exit 3", tmux.new_sessions(plan, sessions), "rc=$?",
+    # The guard: if the launcher gave up (a signal) its end of stdout is gone, this write fails, and
+    # no session starts after the rollback has already run.
+    # The lock's descriptor is closed for tmux: a tmux server started here would hold it for ever.
+    # A launcher gone by now has already rolled back: what this payload wrote must go too, or status
+    # would show the job it never became (SIGPIPE is ignored so that the failed write can clean up).
+    lines += ["trap '' PIPE", "printf 'starting\\n' || { rm -rf \"$dir\"; exit 3; }", "trap - PIPE",
+              f"{tmux.new_sessions(plan, sessions)} 9>&-", "rc=$?",
               f'[ "$rc" = 0 ] && echo started {len(sessions)}', 'exit "$rc"', ""]
     return "\n".join(lines)
 
 
-def tagged_pids(job: str | None, host: Host) -> str:
+def tagged_pids(job: str | None, host: Host, run: str | None = None) -> str:
     """A shell pipeline printing the pids of a job's processes on this host (every job's, `job` None).
 
     They are found by the marker every process of the job inherits, read from /proc/PID/environ, so
-    grandchildren and processes that called setsid are found too, and nothing else ever is. The
-    shell running the pipeline (which may carry the marker itself) is left out.
+    grandchildren and processes that called setsid are found too, and nothing else ever is. `run`
+    keeps only the processes one launch started. The shell running the pipeline (which may carry
+    the marker itself) is left out.
     """
-    if job:
+    if job is not None:  # "" must match nothing, never every job
         match = f"-F -- {sh(f'{TAG_VAR}={tag(job, host)}')}"
     else:
         match = f"-E -- {sh(f'{TAG_VAR}=[A-Za-z0-9_-]+@{re.escape(host.label)}')}"
-    return (f"grep -lszx {match} /proc/[0-9]*/environ 2>/dev/null | "
+    of_run = f" | xargs -r grep -lszx -F -- {sh(f'{RUN_VAR}={run}')}" if run else ""
+    return (f"grep -lszx {match} /proc/[0-9]*/environ 2>/dev/null{of_run} | "
             "sed -n 's#^/proc/\\([0-9]*\\)/environ$#\\1#p' | grep -vx -e \"$$\" -e \"$BASHPID\"")
 
 
-def kill_payload(job: str | None, host: Host, grace: float) -> str:
+def kill_payload(job: str | None, host: Host, grace: float, run: str | None = None) -> str:
     """Stop every process of a job (or of every job, `job` None) on one host, then its sessions.
 
     Processes are found by the marker variable they all inherit (read from /proc/PID/environ), so
     grandchildren and processes that called setsid are found too, and nothing else ever is. SIGINT
-    first (torchrun forwards it and training code can save), then SIGTERM, then SIGKILL.
+    first (torchrun forwards it and training code can save), then SIGTERM, then SIGKILL. With `run`
+    (a rollback) only that launch's processes and sessions are stopped, and its files are moved
+    aside so the job it never became leaves no trace in `status`.
     Prints `found=N left=M sessions=K jobs=a,b`.
     """
+    listing = tmux.list_command(job, host.spec)
+    if run:  # only the sessions whose pane is one of this run's processes
+        sessions = ["while IFS='|' read -r s _ _ _ _ _ pane _; do",
+                    '  case " $initial " in *" $pane "*) ;; *) continue ;; esac',
+                    '  tmux kill-session -t "=$s:" 2>/dev/null && sessions=$((sessions + 1))',
+                    f"done < <({listing})"]
+        dir_, ours = sh(job_dir(job or "", host)), sh(f'"run": "{run}"')
+        sessions += [f"if grep -qF {ours} {dir_}/manifest.json 2>/dev/null; then",
+                     f'  old={dir_}/../.previous; mkdir -p "$old" && '
+                     f'mv {dir_} "$old/{host.label}-rolled-back-$(date +%s.%N)"',
+                     "fi"]
+    else:
+        sessions = [f"for s in $({listing} | cut -d{sh(tmux.FIELD_SEP)} -f1); do",
+                    "  tmux kill-session -t \"=$s:\" 2>/dev/null && sessions=$((sessions + 1))",
+                    "done"]
     return "\n".join([
-        f"pids() {{ {tagged_pids(job, host)}; }}",
+        f"pids() {{ {tagged_pids(job, host, run)}; }}",
         "signal_all() { p=$(pids); [ -z \"$p\" ] || kill -s \"$1\" $p 2>/dev/null; }",
         "wait_gone() {",
         "  end=$(( $(date +%s%N) + $1 * 1000000 ))",
         "  while [ -n \"$(pids)\" ] && [ \"$(date +%s%N)\" -lt \"$end\" ]; do sleep 0.1; done",
         "}",
-        "found=$(pids | wc -l)",
-        f"jobs=$({tmux.list_command(job)} | cut -d{sh(tmux.FIELD_SEP)} -f2 | sort -u | paste -sd, -)",
+        "initial=$(pids | paste -sd' ' -)",
+        "found=$(printf '%s' \"$initial\" | wc -w)",
+        f"jobs=$({listing} | cut -d{sh(tmux.FIELD_SEP)} -f2 | sort -u | paste -sd, -)",
         f"[ \"$found\" = 0 ] || {{ signal_all INT; wait_gone {int(grace * 1000)}; }}",
         "[ -z \"$(pids)\" ] || { signal_all TERM; wait_gone 3000; }",
         "[ -z \"$(pids)\" ] || { signal_all KILL; wait_gone 3000; }",
         "sessions=0",
-        f"for s in $({tmux.list_command(job)} | cut -d{sh(tmux.FIELD_SEP)} -f1); do",
-        "  tmux kill-session -t \"=$s:\" 2>/dev/null && sessions=$((sessions + 1))",
-        "done",
+        *sessions,
         "echo \"found=$found left=$(pids | wc -l) sessions=$sessions jobs=$jobs\"",
         "",
     ])

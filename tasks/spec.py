@@ -2,8 +2,12 @@
 
 A spec file (`--spec job.yaml`) can hold every launch option and the command, so a job can be kept
 in version control and rerun; flags given on the command line override it. The file is read with
-`yaml.safe_load` and checked key by key, because a typo such as `nproc_per_nodes:` silently ignored
-would launch the wrong job on every host.
+PyYAML's safe loader and checked key by key, because a typo such as `nproc_per_nodes:` silently
+ignored would launch the wrong job on every host. YAML 1.1 also silently rewrites plain scalars
+(`1.10` becomes 1.1, `010` becomes 8, `12:30` becomes 750, `on` becomes true) and keeps only the last
+of two equal keys, so the file is checked as YAML nodes, whose text is still what the user wrote:
+`env:` values must be strings (quoted where YAML would read something else), argument lists keep each
+item as written, and a key given twice is refused.
 """
 
 from __future__ import annotations
@@ -13,17 +17,32 @@ import re
 import shlex
 import shutil
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .hostfile import MAX_SLOTS
 
 DEFAULT_PORT = 5001
 DEFAULT_PARALLEL = 32
+# Most hosts contacted at once: each is an SSH connection and a thread, so more only exhausts this machine.
+MAX_PARALLEL = 1024
+# What one session's command and environment may hold. Linux refuses to start a program (E2BIG) when
+# one argument or one KEY=VALUE string is over MAX_ARG_STRLEN (131072 bytes), or all of them together
+# are over ARG_MAX (typically 2 MiB, a quarter of the stack limit); the tmux session then vanishes
+# with nothing in its log. These limits stay well under both, leaving room for the hosts' own
+# environment, and turn that into an error naming the value before anything is launched.
+MAX_VALUE_BYTES = 100_000
+MAX_TOTAL_BYTES = 1_000_000
 _JOB_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Integers as the user means them: YAML 1.1 also reads 0x1f, 0b101, 017 (octal), 1_000 and 1:30 as ints.
+_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() and int() also take full-width digits
+_YAML = "tag:yaml.org,2002:"
 
 
 @dataclass
@@ -43,6 +62,7 @@ class JobSpec:
     nproc_per_node: str | None = None
     max_restarts: int | None = None
     torchrun_args: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)  # env keys a dry run masks besides secret-looking ones
 
 
 # What each spec key must be, for the error message and the check.
@@ -60,6 +80,7 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "nproc_per_node": (str, int),
     "max_restarts": (int,),
     "torchrun_args": (list,),
+    "secrets": (list,),
 }
 _KIND_NAMES = {list: "a list", str: "a string", int: "an integer", dict: "a mapping"}
 
@@ -68,46 +89,167 @@ def read_spec(path: str) -> dict[str, Any]:
     """Load and check a spec file; return only the keys it sets."""
     import yaml  # deferred: keeps `fab -l` fast
 
+    loader = yaml.SafeLoader(_spec_text(path))
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        root = loader.get_single_node()
+        return {} if root is None else _spec_data(path, loader, root)
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of over 4300 digits
+        raise UsageError(path, f"cannot read spec: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _spec_text(path: str) -> str:
+    """The file's text; a binary or non-UTF-8 file is a usage error, not a traceback from the YAML reader."""
+    try:
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise UsageError(path, "no such spec file") from None
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise UsageError(path, f"cannot read spec: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if b"\0" in data:
+        raise UsageError(path, "not a text YAML file (it has NUL bytes): is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(path, f"not a text YAML file: byte {exc.start} is not UTF-8 (is it the right file?)") from None
+
+
+def _spec_data(path: str, loader: Any, root: Any) -> dict[str, Any]:
+    """The options a spec's top-level YAML node sets, each checked against its kind."""
+    if root.id != "mapping":
+        if root.tag == _YAML + "null":  # a file holding only `~` or `null` sets nothing, like an empty one
+            return {}
         raise UsageError(path, "a spec must be a mapping of option names to values")
-    for key, value in data.items():
+    data: dict[str, Any] = {}
+    for key, node in _mapping(path, loader, root, ""):
         if key not in _KINDS:
             known = ", ".join(sorted(_KINDS))
             raise UsageError(f"{path}: key {key!r}", f"unknown key (known keys: {known})")
-        kinds = _KINDS[key]
-        if not isinstance(value, kinds) or isinstance(value, bool):
-            wanted = " or ".join(_KIND_NAMES[k] for k in kinds)
-            raise UsageError(f"{path}: key {key!r}", f"must be {wanted}, not {type(value).__name__}")
-    if isinstance(data.get("command"), str):
-        try:
-            data["command"] = shlex.split(data["command"])
-        except ValueError as exc:
-            raise UsageError(f"{path}: key 'command'", f"cannot split into arguments: {exc}") from None
-    for key in ("command", "torchrun_args"):
-        for item in data.get(key, []):
-            if not isinstance(item, (str, int, float)) or isinstance(item, bool):
-                raise UsageError(f"{path}: key {key!r}", f"items must be strings, not {item!r}")
-        if key in data:
-            data[key] = [str(item) for item in data[key]]
-    if "env" in data:
-        data["env"] = {str(k): _env_value(path, k, v) for k, v in data["env"].items()}
-    if "nproc_per_node" in data:
-        data["nproc_per_node"] = str(data["nproc_per_node"])
+        data[key] = _option(path, loader, key, node)
     return data
 
 
-def _env_value(path: str, key: object, value: object) -> str:
-    if isinstance(value, (dict, list)) or value is None:
-        raise UsageError(f"{path}: key 'env.{key}'", "must be a string or number")
-    return str(value).lower() if isinstance(value, bool) else str(value)
+def _mapping(path: str, loader: Any, node: Any, prefix: str) -> list[tuple[str, Any]]:
+    """A YAML mapping's (key, value node) pairs: string keys only, none given twice.
+
+    The safe loader would keep the last of two equal keys without a word; `<<` merges still work,
+    and a key written in the mapping itself overrides a merged one, as YAML says.
+    """
+    first: dict[str, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == _YAML + "merge":
+            continue
+        key, line = _key(path, loader, key_node, prefix), key_node.start_mark.line + 1
+        if key in first:
+            raise UsageError(f"{path}: key {prefix + key!r}",
+                             f"given twice, on lines {first[key]} and {line} (YAML would silently keep the last)")
+        first[key] = line
+    loader.flatten_mapping(node)
+    return list({_key(path, loader, k, prefix): v for k, v in node.value}.items())
+
+
+def _key(path: str, loader: Any, node: Any, prefix: str) -> str:
+    """A mapping key, which must be a string in the YAML (`ON:` and `1:` are not)."""
+    if node.id == "scalar" and node.tag == _YAML + "str":
+        return node.value
+    if node.id != "scalar":
+        raise UsageError(f"{path}: {prefix.rstrip('.') or 'spec'}", f"a key must be a name, not a {node.id}")
+    raise UsageError(f"{path}: key {prefix + node.value!r}",
+                     f"keys must be strings, but YAML reads {node.value} as {_reading(loader, node)}; "
+                     f'write "{node.value}" in quotes')
+
+
+def _reading(loader: Any, node: Any) -> str:
+    """What YAML made of a scalar, for a message: `the number 1.1`, `true (a boolean)`."""
+    value = loader.construct_object(node, deep=True)
+    if value is None:
+        return "null (no value)"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, (int, float)):
+        return "a number" if str(value) == node.value else f"the number {value}"
+    return f"{value} (a {type(value).__name__})"
+
+
+def _option(path: str, loader: Any, key: str, node: Any) -> Any:
+    """One top-level option's value, checked against its kind."""
+    where = f"{path}: key {key!r}"
+    if key == "env" and node.id == "mapping":
+        return _env(path, loader, node)
+    if key in ("command", "torchrun_args", "secrets") and node.id == "sequence":
+        words = [_word(where, item) for item in node.value]
+        if key == "secrets":
+            check_secret_names(where, words)
+        return words
+    value = loader.construct_object(node, deep=True)
+    kinds = _KINDS[key]
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        wanted = " or ".join(_KIND_NAMES[k] for k in kinds)
+        raise UsageError(where, f"must be {wanted}, not {type(value).__name__}")
+    if isinstance(value, int) and not _DECIMAL.fullmatch(node.value):
+        if key == "nproc_per_node":
+            return node.value  # as written; check_spec says what is wrong with it
+        raise UsageError(where, f"write a plain decimal number: YAML reads {node.value} as {value}")
+    if key == "command":  # a string, split like a shell would
+        try:
+            return shlex.split(value)
+        except ValueError as exc:
+            raise UsageError(where, f"cannot split into arguments: {exc}") from None
+    return str(value) if key == "nproc_per_node" else value
+
+
+def _word(where: str, node: Any) -> str:
+    """An argument list item exactly as written: `1.10` stays "1.10", `010` stays "010"."""
+    if node.id != "scalar":
+        raise UsageError(where, f"items must be strings, not a {node.id}")
+    return node.value
+
+
+def _env(path: str, loader: Any, node: Any) -> dict[str, str]:
+    """The `env:` mapping: string keys and string values only, each variable checked."""
+    env = {}
+    for key, value_node in _mapping(path, loader, node, "env."):
+        where = f"{path}: key 'env.{key}'"
+        env[key] = _env_value(where, loader, value_node)
+        check_env_var(where, key, env[key])
+    return env
+
+
+def _env_value(where: str, loader: Any, node: Any) -> str:
+    """A variable's value, which must be a string in the YAML: `1.10` would silently become 1.1."""
+    if node.id != "scalar":
+        raise UsageError(where, f"must be a string, not a {node.id}")
+    if node.tag == _YAML + "str":
+        return node.value
+    if not node.value:
+        raise UsageError(where, 'has no value (YAML reads it as null); write "" for an empty string')
+    raise UsageError(where, f"must be a string, but YAML reads {node.value} as {_reading(loader, node)}; "
+                            f'write "{node.value}" in quotes')
+
+
+def check_env_var(where: str, key: str, value: str) -> None:
+    """Refuse a variable a rank cannot get: a bad name, one fablaunch sets itself, a NUL or an oversized value."""
+    from .plan import reserved_env  # deferred: plan imports this module for JobSpec
+
+    if not _ENV_KEY.fullmatch(key):
+        raise UsageError(where, f"{key!r} is not a valid environment variable name")
+    problem = reserved_env(key)
+    if problem:
+        raise UsageError(where, problem)
+    if "\0" in value:
+        raise UsageError(where, f"the value of {key} has a NUL byte, which no environment variable can hold")
+    size = _size(f"{key}={value}")
+    if size > MAX_VALUE_BYTES:
+        raise UsageError(where, f"{key}=VALUE is {size} bytes, over the limit of {MAX_VALUE_BYTES} per variable "
+                                "(Linux will not start a program with one over 131072); pass big data in a file")
+
+
+def check_secret_names(where: str, names: Iterable[str]) -> None:
+    """Secrets name environment variables, so each must be a valid variable name."""
+    for name in names:
+        if not _ENV_KEY.fullmatch(name):
+            raise UsageError(where, f"{name!r} is not a valid environment variable name")
 
 
 def parse_env(items: list[str], where: str = "--env") -> dict[str, str]:
@@ -122,11 +264,18 @@ def parse_env(items: list[str], where: str = "--env") -> dict[str, str]:
 
 
 def build_spec(spec_path: str | None, command: list[str], **flags: Any) -> JobSpec:
-    """Merge a spec file, the command after `--` and the flags given (None = not given)."""
+    """Merge a spec file, the command after `--` and the flags given (None = not given).
+
+    `env` and `secrets` add to the spec's (a flag's variable wins); every other flag replaces its key.
+    """
     data = read_spec(spec_path) if spec_path else {}
-    env = dict(data.get("env", {}))
-    env.update(flags.pop("env", None) or {})
-    data["env"] = env
+    flag_env = flags.pop("env", None) or {}
+    for key, value in flag_env.items():
+        check_env_var("--env", key, value)
+    data["env"] = {**data.get("env", {}), **flag_env}
+    flag_secrets = flags.pop("secrets", None) or []
+    check_secret_names("--secret", flag_secrets)
+    data["secrets"] = list(dict.fromkeys([*data.get("secrets", []), *flag_secrets]))
     if command:
         data["command"] = command
     for name, value in flags.items():
@@ -139,26 +288,73 @@ def build_spec(spec_path: str | None, command: list[str], **flags: Any) -> JobSp
 
 def check_spec(spec: JobSpec) -> None:
     """Reject options that cannot make a working job, naming the flag."""
-    if not spec.command:
-        raise UsageError("command", "no training command given: put it after `--`, e.g. `-- train.py --lr 1e-3`")
+    _check_command(spec.command)
     if spec.name is not None:
         check_job_name(spec.name, "--job")
     if not 0 < spec.port < 65536:
         raise UsageError("--port", f"{spec.port} is not a TCP port (1-65535)")
-    if spec.parallel < 1:
-        raise UsageError("--parallel", f"must be at least 1, not {spec.parallel}")
+    if not 1 <= spec.parallel <= MAX_PARALLEL:
+        raise UsageError("--parallel", f"must be from 1 to {MAX_PARALLEL}, not {spec.parallel}")
     if spec.max_restarts is not None and spec.max_restarts < 0:
         raise UsageError("--max-restarts", f"must be 0 or more, not {spec.max_restarts}")
-    nproc = spec.nproc_per_node
-    if nproc is not None and nproc not in ("gpu", "cpu", "auto") and (not nproc.isdigit() or int(nproc) < 1):
-        raise UsageError("--nproc-per-node", f"{nproc!r} is not a positive integer, gpu, cpu or auto")
-    for key in spec.env:
-        if not _ENV_KEY.fullmatch(key):
-            raise UsageError("--env", f"{key!r} is not a valid environment variable name")
+    _check_nproc(spec.nproc_per_node)
     if spec.master_addr is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]+", spec.master_addr):
         raise UsageError("--master-addr", f"{spec.master_addr!r} is not a host name or address")
     if spec.python is not None and "\n" in spec.python:
         raise UsageError("--python", "the interpreter path has a newline in it")
+    for where, text in (("--python", spec.python), ("--workdir", spec.workdir), ("--hosts", spec.hosts),
+                        ("--gpus", spec.gpus)):
+        if text is not None and "\0" in text:
+            raise UsageError(where, "has a NUL byte, which no path can hold")
+    _check_words("torchrun_args", spec.torchrun_args)
+    _check_total(spec)
+
+
+def _check_nproc(nproc: str | None) -> None:
+    """torchrun's --nproc-per-node: a word it knows, or 1 to MAX_SLOTS in ASCII digits."""
+    if nproc is None or nproc in ("gpu", "cpu", "auto"):
+        return
+    if not _DIGITS.fullmatch(nproc) or not nproc.strip("0"):
+        raise UsageError("--nproc-per-node", f"{nproc!r} is not a positive integer, gpu, cpu or auto")
+    if len(nproc) > 9 or int(nproc) > MAX_SLOTS:  # int() of thousands of digits raises
+        raise UsageError("--nproc-per-node", f"must be at most {MAX_SLOTS}, not {nproc}")
+
+
+def _check_command(command: list[str]) -> None:
+    """A command to run: its first word names a program or script, so it cannot be blank."""
+    if not command:
+        raise UsageError("command", "no training command given: put it after `--`, e.g. `-- train.py --lr 1e-3`")
+    if not command[0].strip():
+        raise UsageError("command", f"the first word, the program or script to run, is blank ({command[0]!r}): "
+                                    "e.g. `-- train.py --lr 1e-3`")
+    _check_words("command", command)
+
+
+def _check_words(where: str, words: list[str]) -> None:
+    """Arguments reach the program through exec, which cannot pass a NUL byte or one over MAX_VALUE_BYTES."""
+    for index, word in enumerate(words):
+        if "\0" in word:
+            raise UsageError(where, f"argument {index + 1} has a NUL byte, which no argument can hold")
+        size = _size(word)
+        if size > MAX_VALUE_BYTES:
+            raise UsageError(where, f"argument {index + 1} is {size} bytes, over the limit of {MAX_VALUE_BYTES} "
+                                    "per argument (Linux will not start a program with one over 131072); "
+                                    "pass big data in a file")
+
+
+def _check_total(spec: JobSpec) -> None:
+    """The whole command and environment of one session must fit what exec can pass, with room to spare."""
+    strings = [*spec.command, *spec.torchrun_args, *(f"{k}={v}" for k, v in spec.env.items())]
+    total = sum(_size(s) + 1 for s in strings)  # exec counts each string's terminating NUL
+    if total > MAX_TOTAL_BYTES:
+        raise UsageError("command and --env", f"together {total} bytes, over the limit of {MAX_TOTAL_BYTES} per "
+                                              "session (Linux's ARG_MAX is typically 2 MiB, shared with the "
+                                              "hosts' environment); pass big data in a file")
+
+
+def _size(text: str) -> int:
+    """Bytes as exec sees them (arguments may carry undecodable bytes as surrogate escapes)."""
+    return len(text.encode("utf-8", "surrogateescape"))
 
 
 def check_job_name(name: str, where: str) -> str:

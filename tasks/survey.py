@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import tmux
 from .hostfile import Host
 from .plan import JOBS_DIR, RemotePath
-from .scripts import sh
+from .scripts import SESSION_VAR, sh
 
-SEP = "\x1e"  # starts a section line in the dump; never in a path, unlikely in a log
+# Starts a section line in a payload's output. The random part is new in every fab process, so
+# nothing a rank prints (logs, error files, command lines) can start a section or forge a record.
+SEP = "\x1e" + secrets.token_hex(8)
 TAIL_LINES = 5
 
 
@@ -54,6 +57,7 @@ class SessionState:
     log: str = ""
     last_line: str = ""
     log_age: float | None = None
+    detached: bool = False  # running, but its tmux session (or server) is gone
     tail: list[str] = field(default_factory=list)
     error: dict[str, Any] | None = None
     error_time: float | None = None
@@ -79,13 +83,17 @@ class SessionState:
 
 
 def payload(host: Host, job: str | None) -> str:
-    """Dump this host's tagged sessions and job files; `job` None means every job."""
-    glob = f"{sh(RemotePath(JOBS_DIR))}/{sh(job) if job else '*'}/{sh(host.label)}/manifest.json"
+    """Dump this host's tagged sessions, live processes and job files; `job` None means every job."""
+    glob = f"{sh(RemotePath(JOBS_DIR))}/{sh(job) if job is not None else '*'}/{sh(host.label)}/manifest.json"
     return "\n".join([
         f"sep=$'{SEP}'",
         'printf "%sNOW %s\\n" "$sep" "$(date +%s.%N)"',
         'printf "%sTMUX\\n" "$sep"',
-        tmux.list_command(job),
+        tmux.list_command(job, host.spec),
+        # Which session each live process belongs to: a rank outlives a killed tmux server.
+        'printf "%sPROCS\\n" "$sep"',
+        f"grep -Hasxz -E -- {sh(SESSION_VAR + '=[A-Za-z0-9_.@+=-]+')} /proc/[0-9]*/environ 2>/dev/null "
+        "| tr '\\0' '\\n'",
         f"for m in {glob}; do",
         '  [ -f "$m" ] || continue',
         '  d=${m%/manifest.json}',
@@ -94,7 +102,10 @@ def payload(host: Host, job: str | None) -> str:
         '  [ -e "$1" ] || shift',
         '  awk -v s="$sep" \'FNR==1{print s "FILE " FILENAME} {print}\' "$@" 2>/dev/null </dev/null',
         '  printf "%sMTIMES\\n" "$sep"; stat -c "%n %Y" "$d"/*.log 2>/dev/null',
-        f'  printf "%sTAILS\\n" "$sep"; tail -v -n {TAIL_LINES} "$d"/*.log 2>/dev/null',
+        # One section per log: tail's own `==> file <==` headers could be printed by a rank.
+        '  for f in "$d"/*.log; do [ -f "$f" ] || continue',
+        f'    printf "%sTAIL %s\\n" "$sep" "$f"; tail -n {TAIL_LINES} "$f" 2>/dev/null; echo',
+        "  done",
         "  # torchrun's workers write their own error files under the node's --log-dir.",
         '  printf "%sERRTIMES\\n" "$sep"; find "$d" -name "*error.json" -printf "%p %T@\\n"',
         '  find "$d" -path "*.torchrun/*" -name error.json -exec awk -v s="$sep" '
@@ -110,23 +121,19 @@ def sections(text: str) -> list[tuple[str, str, list[str]]]:
     sections: list[tuple[str, str, list[str]]] = []
     for line in text.split("\n"):
         if line.startswith(SEP):
-            kind, _, arg = line[1:].partition(" ")
+            kind, _, arg = line[len(SEP):].partition(" ")
             sections.append((kind, arg, []))
         elif sections:
             sections[-1][2].append(line)
     return sections
 
 
-def _tails(lines: list[str]) -> dict[str, list[str]]:
-    tails: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in lines:
-        m = re.fullmatch(r"==> (.*) <==", line)
-        if m:
-            current = tails.setdefault(m.group(1), [])
-        elif current is not None:
-            current.append(line)
-    return {path: [x for x in (t.rsplit("\r", 1)[-1] for t in lines) if x.strip()] for path, lines in tails.items()}
+def _tail(lines: list[str]) -> list[str]:
+    """A log's last lines as a terminal showed them (after any `\r`), blank lines dropped."""
+    return [x for x in (t.rsplit("\r", 1)[-1] for t in lines) if x.strip()]
+
+
+_PROC = re.compile(r"/proc/(\d+)/environ:" + SESSION_VAR + r"=(\S+)")
 
 
 def _session_from_tmux(line: str) -> dict[str, str] | None:
@@ -135,9 +142,14 @@ def _session_from_tmux(line: str) -> dict[str, str] | None:
 
 
 def parse(host: Host, text: str) -> list[SessionState]:
-    """Turn one host's dump into session states (sessions without files are reported too)."""
+    """Turn one host's dump into session states (sessions without files are reported too).
+
+    Nothing in the dump is trusted to be well-formed: a manifest or record that does not parse is
+    skipped, never fatal, so one damaged job directory cannot hide every other job.
+    """
     now = 0.0
     live: dict[str, dict[str, str]] = {}
+    procs: dict[str, list[int]] = {}
     states: list[SessionState] = []
     files: dict[str, str] = {}
     mtimes: dict[str, float] = {}
@@ -146,17 +158,21 @@ def parse(host: Host, text: str) -> list[SessionState]:
     manifests: list[tuple[str, dict[str, Any]]] = []
     for kind, arg, lines in sections(text):
         if kind == "NOW":
-            now = float(arg)
+            now = as_float(arg) or 0.0
         elif kind == "TMUX":
             for line in lines:
                 info = _session_from_tmux(line)
                 if info:
                     live[info["session_name"]] = info
+        elif kind == "PROCS":
+            for line in lines:
+                m = _PROC.fullmatch(line)
+                if m and m.group(2).endswith(f"@{host.label}"):
+                    procs.setdefault(m.group(2).removesuffix(f"@{host.label}"), []).append(int(m.group(1)))
         elif kind == "MANIFEST":
-            try:
-                manifests.append((arg, json.loads("\n".join(lines))))
-            except ValueError:
-                continue
+            manifest = _json("\n".join(lines))
+            if manifest is not None:
+                manifests.append((arg, manifest))
         elif kind == "FILE":
             files[arg] = "\n".join(lines)
         elif kind == "MTIMES":
@@ -169,16 +185,17 @@ def parse(host: Host, text: str) -> list[SessionState]:
                 path, _, stamp = line.rpartition(" ")
                 if path and as_float(stamp) is not None:
                     error_times[path] = float(stamp)
-        elif kind == "TAILS":
-            tails.update(_tails(lines))
+        elif kind == "TAIL":
+            tails[arg] = _tail(lines)
     seen: set[str] = set()
     for directory, manifest in manifests:
-        for entry in manifest.get("sessions", []):
-            stem = entry["session"].removeprefix(f"{manifest['job']}-")
-            base = f"{directory}/{stem}"
-            state = _state(manifest, entry, live.get(entry["session"]), files.get(f"{base}.exit"),
-                           files.get(f"{base}.error.json"), now)
-            state.log = f"{base}.log"
+        for entry in manifest.get("sessions", []) if isinstance(manifest.get("sessions"), list) else []:
+            try:
+                state = _state(manifest, entry, live.get(entry["session"]), procs.get(entry["session"], []),
+                               files, directory, now)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue  # a damaged manifest entry: skip it, keep the rest
+            base = f"{directory}/{state.session.removeprefix(f'{state.job}-')}"
             state.worker_errors = _worker_errors(f"{base}.torchrun/", files, error_times)
             state.error_time = error_times.get(f"{base}.error.json") if state.error else None
             tail = tails.get(state.log, [])
@@ -186,7 +203,7 @@ def parse(host: Host, text: str) -> list[SessionState]:
             if state.log in mtimes:
                 state.log_age = max(0.0, now - mtimes[state.log])
             states.append(state)
-            seen.add(entry["session"])
+            seen.add(state.session)
     for name, info in live.items():
         if name not in seen:  # a tagged session whose files are gone: still ours, still running
             states.append(SessionState(info["@fablaunch_job"], info["@fablaunch_mode"], host.spec, name,
@@ -195,28 +212,42 @@ def parse(host: Host, text: str) -> list[SessionState]:
     return states
 
 
-def _state(manifest: dict[str, Any], entry: dict[str, Any], live: dict[str, str] | None, exit_text: str | None,
-           error_text: str | None, now: float) -> SessionState:
-    mode = manifest["mode"]
-    state = SessionState(manifest["job"], mode, entry["host"], entry["session"],
-                         entry["rank"] if mode == "gpus" else None, entry["node"], "lost",
-                         launched=manifest.get("launched", ""))
-    record = _json(exit_text)
+def _state(manifest: dict[str, Any], entry: dict[str, Any], live: dict[str, str] | None, pids: list[int],
+           files: dict[str, str], directory: str, now: float) -> SessionState:
+    """One session's state from its manifest entry, tmux, its live processes and its files.
+
+    An exit record counts only if this run wrote it (its run id matches the manifest's): a rank of
+    an earlier run that outlived its tmux server writes to the same path when it finally ends.
+    """
+    mode = str(manifest["mode"])
+    job = str(manifest["job"])
+    session = str(entry["session"])
+    base = f"{directory}/{session.removeprefix(f'{job}-')}"
+    state = SessionState(job, mode, str(entry["host"]), session,
+                         as_int(str(entry["rank"])) if mode == "gpus" else None, as_int(str(entry["node"])), "lost",
+                         launched=str(manifest.get("launched", "")), log=f"{base}.log")
+    record = _json(files.get(f"{base}.exit"))
+    if record is not None and record.get("run", "") != manifest.get("run", ""):
+        record = None
+    error_text = files.get(f"{base}.error.json")
     if error_text:
         state.error = _json(error_text) or {"raw": error_text[:2000]}
     if live:
         state.pid = as_int(live["pane_pid"])
         state.started = as_float(live["session_created"])
-    if record is not None and "exit_code" in record:
-        code = int(record["exit_code"])
-        state.started = state.started or float(record.get("start_time", 0)) or None
-        state.ended = float(record.get("end_time", 0)) or None
+    code = record.get("exit_code") if record else None
+    if record is not None and isinstance(code, int) and not isinstance(code, bool):
+        state.started = state.started or as_float(str(record.get("start_time"))) or None
+        state.ended = as_float(str(record.get("end_time"))) or None
         if code > 128:
             state.state, state.signal, state.exit_code = "killed", code - 128, None
         else:
             state.state, state.exit_code = ("succeeded" if code == 0 else "failed"), code
     elif live:
         state.state = "running"
+    elif pids:  # its tmux session (or server) died under it, but the rank runs on
+        state.state, state.detached, state.pid = "running", True, min(pids)
+        state.started = as_float(str(record.get("start_time"))) if record else None
     end = state.ended or (now if state.state == "running" else None)
     if state.started and end:
         state.runtime = max(0.0, end - state.started)

@@ -8,7 +8,9 @@ user's own session by name. Targets use `=NAME:` because a bare `-t NAME` prefix
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterable
 
+from .errors import UsageError
 from .plan import Plan, Session
 
 # Fields read back by `list_command`, in this order. tmux prints a tab in a format as `_` when its
@@ -17,6 +19,24 @@ FIELD_SEP = "|"
 FIELDS = ("session_name", "@fablaunch_job", "@fablaunch_mode", "@fablaunch_host", "@fablaunch_rank",
           "@fablaunch_node", "pane_pid", "session_created")
 LIST_FORMAT = FIELD_SEP.join(f"#{{{f}}}" for f in FIELDS)
+
+# The most a tmux client can send its server as one command: every argument after `tmux` costs its
+# length plus a NUL. The client packs them into one imsg of at most MAX_IMSGSIZE (16384) bytes, less
+# the 16-byte imsg header and the 4-byte argc of struct msg_command (client.c, MSG_COMMAND). Measured
+# with tmux 3.3a (tests/test_tmux.py does it again): 16364 bytes of arguments run, 16365 fail with
+# "failed to send command" (beyond 16380: "command too long"), whether or not a server runs.
+TMUX_ARGS_MAX = 16364
+# What one call of ours may take: a margin for tmux builds whose headers differ.
+CALL_BUDGET = TMUX_ARGS_MAX - 1024
+# The remote $HOME is not known when planning, yet every session's script path holds it (the payload's
+# `$dir` is "$HOME"/.fablaunch/jobs/JOB/HOST): this many bytes are reserved for it in each session.
+HOME_MAX = 256
+# The placeholder session's life, should the launch payload die before it can end it; and the most
+# digits of the payload shell's pid in its name (Linux's pid_max is at most 4194304).
+HOLD_SECONDS = 600
+PID_DIGITS = 7
+# The launch payload's variable holding the host's job directory (see scripts.launch_payload).
+DIR_VAR = "dir"
 
 
 def target(session: str) -> str:
@@ -35,21 +55,117 @@ def tags(plan: Plan, session: Session) -> dict[str, str]:
     }
 
 
-def new_sessions(plan: Plan, sessions: list[Session], script_dir_var: str = "$dir") -> str:
-    """One tmux call that creates and tags every session of a host.
+def _bytes(text: str) -> int:
+    # Arguments may carry undecodable bytes of the user's argv (surrogateescape), each one byte.
+    return len(text.encode("utf-8", "surrogateescape"))
 
-    tmux runs a command sequence without handling child exits in between, so a rank that exits at
-    once is still tagged; one client call also keeps the per-host cost to a single tmux start-up.
+
+def _size(args: Iterable[str]) -> int:
+    """What arguments take of tmux's message: each its bytes plus a NUL."""
+    return sum(_bytes(a) + 1 for a in args)
+
+
+def dir_bytes_max(session: Session) -> int:
+    """The longest `$dir` the calls are planned for: the session's directory with a $HOME of HOME_MAX bytes."""
+    return _bytes(session.dir.removeprefix("~")) + HOME_MAX
+
+
+def session_commands(plan: Plan, session: Session) -> tuple[str, int]:
+    """The tmux commands creating and tagging one session, as shell text, and the most bytes they send.
+
+    new-session and its set-options stay together: tmux runs one call's commands without handling
+    child exits in between, so a rank that exits at once is still tagged.
     """
-    parts: list[str] = ["tmux"]
+    create = ["new-session", "-d", "-s", session.name, "-c", plan.workdir, "bash"]
+    script = f"/{session.stem}.sh"  # after the shell's `$dir`
+    tagging: list[str] = []
+    for key, value in tags(plan, session).items():
+        tagging += [";", "set-option", "-t", target(session.name), key, value or "-"]
+    text = " ".join([*map(shlex.quote, create), f'"${DIR_VAR}{script}"', *map(shlex.quote, tagging)])
+    return text, _size(create) + dir_bytes_max(session) + _bytes(script) + 1 + _size(tagging)
+
+
+def hold_session(plan: Plan) -> tuple[str, int]:
+    """A placeholder session that keeps the tmux server up between calls, as shell text and its most bytes.
+
+    A server with no session left exits: were every rank of one call to end at once, the next call
+    would meet a dying server ("server exited unexpectedly"). The shell's `$$` makes the name unique.
+    """
+    name = f"{plan.job}-launching-"
+    args = ["new-session", "-d", "-s", "sleep", str(HOLD_SECONDS)]
+    return (f"new-session -d -s {shlex.quote(name)}$$ sleep {HOLD_SECONDS}",
+            _size(args) + _bytes(name) + PID_DIGITS + 1)
+
+
+def _pack(items: list[tuple[str, int]]) -> list[list[str]]:
+    """Commands (text, bytes) into consecutive calls of at most CALL_BUDGET bytes each."""
+    calls: list[list[str]] = []
+    used = 0
+    for text, size in items:
+        if calls and used + 2 + size <= CALL_BUDGET:  # 2: the `;` before it
+            calls[-1].append(text)
+            used += 2 + size
+        else:
+            calls.append([text])
+            used = size
+    return calls
+
+
+def calls(plan: Plan, sessions: list[Session]) -> list[list[str]]:
+    """A host's tmux calls, in rank order: each a list of commands as shell text, `;`-joined when run.
+
+    With more than one call, the first starts with the placeholder of `hold_session`. Raises
+    UsageError when one session alone does not fit (see `check_fits`).
+    """
+    items = []
     for session in sessions:
-        if len(parts) > 1:
-            parts.append("';'")
-        parts += ["new-session", "-d", "-s", shlex.quote(session.name), "-c", shlex.quote(plan.workdir),
-                  "bash", f'"{script_dir_var}/{session.stem}.sh"']
-        for key, value in tags(plan, session).items():
-            parts += ["';'", "set-option", "-t", shlex.quote(target(session.name)), key, shlex.quote(value or "-")]
-    return " ".join(parts)
+        text, size = session_commands(plan, session)
+        if size > CALL_BUDGET:
+            raise _too_long(plan, session, size)
+        items.append((text, size))
+    packed = _pack(items)
+    return packed if len(packed) <= 1 else _pack([hold_session(plan), *items])
+
+
+def _too_long(plan: Plan, session: Session, size: int) -> UsageError:
+    room = _bytes(plan.workdir) - (size - CALL_BUDGET)
+    limit = (f"{size} bytes, over the {CALL_BUDGET} one tmux call may take (tmux {TMUX_ARGS_MAX}-byte limit on "
+             f"a command's arguments, less a margin, with {HOME_MAX} bytes kept for the remote $HOME)")
+    if room <= 0:
+        return UsageError(f"host {session.host.spec}", f"too long for tmux: starting a session there takes {limit}")
+    return UsageError("--workdir", f"path too long for tmux: with this {_bytes(plan.workdir)}-byte working "
+                                   f"directory, starting one session takes {limit}; at most {room} bytes fit")
+
+
+def check_fits(plan: Plan) -> None:
+    """Refuse, before anything starts anywhere, a plan whose sessions tmux could not start."""
+    size, session = max(((session_commands(plan, s)[1], s) for s in plan.sessions), key=lambda pair: pair[0])
+    if size > CALL_BUDGET:  # the longest session, so that the room the message gives fits every one
+        raise _too_long(plan, session, size)
+
+
+def new_sessions(plan: Plan, sessions: list[Session]) -> str:
+    """Create and tag every session of a host: one tmux call per CALL_BUDGET bytes, all `&&`-chained.
+
+    Runs where `$dir` holds the host's job directory. One call per batch keeps the per-host cost to
+    a few tmux start-ups; the chain stops at the first call that fails and its status is the line's,
+    so a partly started host counts as failed (and is rolled back). With several calls, a placeholder
+    session holds the server up until the last one ran (see `hold_session`). A failure with a `$dir`
+    longer than planned for (a $HOME over HOME_MAX bytes) says so.
+    """
+    batches = calls(plan, sessions)
+    line = " && ".join("tmux " + " ';' ".join(batch) for batch in batches)
+    longest = max(dir_bytes_max(s) for s in sessions)
+    why = shlex.quote(f"fablaunch: tmux could not start the sessions, and $HOME is longer than the {HOME_MAX} "
+                      "bytes the tmux calls leave room for")
+    # Only after a failure: ${#dir} counts bytes in the C locale, set in a function to keep it local.
+    explain = ("fablaunch_dir_fits() { local LC_ALL=C; "
+               f'[ "${{#{DIR_VAR}}}" -le {longest} ]; }}; fablaunch_dir_fits || echo {why} >&2; false')
+    if len(batches) == 1:
+        return f"{line} || {{ {explain}; }}"
+    hold = shlex.quote(f"={plan.job}-launching-") + "$$:"
+    return (f"{line}; fablaunch_rc=$?; tmux kill-session -t {hold} 2>/dev/null; "
+            f'[ "$fablaunch_rc" = 0 ] || {{ {explain}; }}')
 
 
 def list_command(job: str | None = None, host: str | None = None) -> str:

@@ -449,10 +449,10 @@ def render(snap: Snapshot, interval: float | None = None) -> Any:
     for s in snap.samples:
         style = _STATUS_STYLE.get(s.status)
         if s.gpus:
-            table.add_row(s.host, *_figures(s.totals()), _per_gpu(s.gpus), s.message, style=style)
+            cells = [s.host, *_figures(s.totals()), _per_gpu(s.gpus), s.message]
         else:
-            table.add_row(s.host, *_figures(Totals()), "", s.status + (f": {s.message}" if s.message else ""),
-                          style=style)
+            cells = [s.host, *_figures(Totals()), "", s.status + (f": {s.message}" if s.message else "")]
+        table.add_row(*(ui.literal(c) for c in cells), style=style)
     note = f"{len(snap.unreachable)} unreachable" if snap.unreachable else ""
     table.add_section()
     table.add_row("cluster", *_figures(totals(snap.samples)), "", note, style="bold")
@@ -477,8 +477,8 @@ def job_view(snap: Snapshot) -> Any:
     for column in ("host", "session", "who", "why"):
         table.add_column(column, overflow="fold")
     for f in snap.flagged:
-        table.add_row(f.host, f.session, f"rank {f.rank}" if f.rank is not None else f"node {f.node}",
-                      "; ".join(f.reasons), style="red")
+        cells = (f.host, f.session, f"rank {f.rank}" if f.rank is not None else f"node {f.node}", "; ".join(f.reasons))
+        table.add_row(*(ui.literal(c) for c in cells), style="red")
     return table
 
 
@@ -513,7 +513,7 @@ def top_(c, interval=None, once=False, json_=False, job=None, stall=None, hosts=
     every = _interval(interval)
     stall_s = seconds_flag(stall, "--stall", DEFAULT_STALL) or 0.0
     host_list = targets(job, hosts, gpus)
-    with Executor(c.config, parallel_flag(parallel)) as ex:
+    with Executor(c.config, parallel_flag(parallel), deadline=20) as ex:
         if once or json_:
             snap = sample(ex, host_list, job, stall_s)
             if json_:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -59,11 +62,13 @@ class Cluster:
         env: dict[str, str] | None = None,
         max_startups: str = "1000:30:1000",
         host_env: dict[str, dict[str, str]] | None = None,
+        stuck: set[str] | None = None,
     ) -> None:
         """Describe the cluster; nothing is created or started before start().
 
         `env` is every host's environment; `host_env` adds to or overrides it for single hosts by
-        name (e.g. one host with an `nvidia-smi` on its PATH and one without).
+        name (e.g. one host with an `nvidia-smi` on its PATH and one without). The hosts named in
+        `stuck` accept SSH connections but their remote shells never answer (see stuck_script).
         """
         if size < 1 or base < 1 or base + size - 1 > 254:
             raise ValueError(f"hosts 127.0.0.{base}..127.0.0.{base + size - 1} are not all valid")
@@ -75,6 +80,14 @@ class Cluster:
         self.host_env = {name: dict(values) for name, values in (host_env or {}).items()}
         self.max_startups = max_startups
         self.names = [f"node{i}" for i in range(1, size + 1)]
+        self.stuck = set(stuck or ())
+        if self.stuck - set(self.names):
+            raise ValueError(f"stuck hosts {sorted(self.stuck - set(self.names))} are not in {self.names}")
+        # A hung NFS home or a .bashrc that blocks, as sshd's non-interactive bash sees it: BASH_ENV
+        # (set by sshd's SetEnv) is read by `bash -c COMMAND` before COMMAND runs, so it never runs
+        # (until unstick(): a home that recovers).
+        self.stuck_script = self.root / "stuck.sh"
+        self._unstuck = self.root / "unstuck"
         self.ssh_config = self.root / "ssh_config"
         self.host_key = self.root / "host_ed25519_key"
         self.client_key = self.root / "client_ed25519_key"
@@ -124,6 +137,8 @@ class Cluster:
     def _write_files(self) -> None:
         """Generate keys, authorized_keys, one sshd config per host and the client ssh_config."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.stuck:
+            self.stuck_script.write_text(f"while [ ! -e {shlex.quote(str(self._unstuck))} ]; do sleep 0.2; done\n")
         # sshd's privilege separation needs this directory; Debian creates it only via systemd.
         Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
         self._keygen(self.host_key)
@@ -136,6 +151,8 @@ class Cluster:
             # mkdir's mode is masked by umask and ignored for existing dirs; tmux wants it private.
             self.tmux_dir(name).chmod(0o700)
             setenv = {"TMUX_TMPDIR": str(self.tmux_dir(name)), **self.env, **self.host_env.get(name, {})}
+            if name in self.stuck:
+                setenv["BASH_ENV"] = str(self.stuck_script)
             lines = [
                 f"ListenAddress {self.address(name)}",
                 f"Port {self.port}",
@@ -292,12 +309,44 @@ class Cluster:
             timeout=timeout,
         )
 
+    def unstick(self) -> None:
+        """Let the stuck hosts' shells go on past their startup, as a hung home that recovers."""
+        self._unstuck.touch()
+
+    def stick(self) -> None:
+        """Make the stuck hosts' shells block again (the default)."""
+        self._unstuck.unlink(missing_ok=True)
+
+    def stuck_pids(self, name: str | None = None) -> list[int]:
+        """Live processes of remote shells stuck on a stuck host (or any), found through /proc.
+
+        Every process such a shell starts inherits the host's TMUX_TMPDIR and the BASH_ENV that
+        blocks it, so the blocking `sleep` and the shells waiting on it are all found.
+        """
+        wanted = f"BASH_ENV={self.stuck_script}".encode()
+        dirs = [f"TMUX_TMPDIR={self.tmux_dir(n)}".encode() for n in ([name] if name else sorted(self.stuck))]
+        found = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                values = environ.read_bytes().split(b"\0")
+                state = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            # A zombie waits only for its reaper (PID 1 here may not reap orphans): it runs nothing.
+            if state != "Z" and wanted in values and any(d in values for d in dirs):
+                found.append(int(environ.parent.name))
+        return found
+
     def stop(self) -> None:
         """Kill every sshd and tmux server of this cluster; safe to repeat or after a failed start."""
         for name in self.names:
             if self.tmux_dir(name).is_dir():
                 # Ignore "no server running": nothing to kill.
                 self.tmux(name, "kill-server")
+        # Stuck shells a failed test left behind must not outlive the cluster.
+        for pid in self.stuck_pids() if self.stuck else []:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         # Only our own listeners are signalled (see _pid); a port held by someone else raises.
         self._kill([name for name in self.names if self._pid(name) is not None])
 
@@ -313,3 +362,39 @@ class Cluster:
     ) -> None:
         """Stop the cluster."""
         self.stop()
+
+
+@contextlib.contextmanager
+def silent_listener(address: str, port: int) -> Iterator[list[socket.socket]]:
+    """Accept TCP connections on a loopback address:port and never send a byte (a hung sshd).
+
+    Accepted connections stay open until the block ends, so a client waits for an SSH banner that
+    never comes instead of seeing the connection close. Yields the list of accepted connections.
+    """
+    if not address.startswith("127."):
+        raise ValueError(f"only loopback addresses are used, not {address}")
+    listener = socket.create_server((address, port), reuse_port=False)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            accepted.append(conn)
+
+    thread = threading.Thread(target=serve, name=f"silent-{address}:{port}", daemon=True)
+    thread.start()
+    try:
+        yield accepted
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+        for conn in accepted:
+            conn.close()

@@ -44,6 +44,14 @@ def tagged_pids(job: str) -> list[int]:
     return pids
 
 
+def environ_of(pid: int) -> list[bytes]:
+    """A process's environment as `KEY=VALUE` byte strings (empty once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def alive(pid: int) -> bool:
     """Whether a process exists and is not a zombie waiting for its reaper."""
     try:

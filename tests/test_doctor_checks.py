@@ -26,6 +26,7 @@ HEALTHY = {
     "tmux": "tmux 3.3a", "workdir": "ok", "disk_kb": str(200 * 2**20), "nofile": "65536",
     "python_path": "/usr/bin/python3", "python": "3.11.2", "torch": "2.13.0", "cuda": "13.0", "nccl": "2.28.9",
     "python_rc": "0", "gpus": "8", "gpu_name": "NVIDIA H100", "py_spy": "py-spy 0.4.0", "job": "none", "port": "free",
+    "state_path": "/home/u/.fablaunch", "state_write": "ok", "state_kb": str(50 * 2**20),
 }
 
 
@@ -76,6 +77,7 @@ def test_a_healthy_host_passes_every_check() -> None:
     assert set(statuses(checks).values()) == {"ok"}
     assert checks["tmux"].value == "3.3a" and checks["python"].value == "3.11.2" and checks["gpus"].value == 8
     assert checks["disk"].value == 200.0 and checks["port"].value == 5001 and checks["py_spy"].value == "0.4.0"
+    assert checks["state_dir"].value == 50 * 1024 and checks["state_dir"].text == "50.0 GiB"
 
 
 @pytest.mark.parametrize(("changes", "check", "status", "words"), [
@@ -85,6 +87,17 @@ def test_a_healthy_host_passes_every_check() -> None:
     ({"workdir": "missing", "disk_kb": None}, "workdir", "fail", "working directory /w does not exist"),
     ({"disk_kb": str(2 * 2**20)}, "disk", "warn", "only 2 GiB free in /w"),
     ({"disk_kb": ""}, "disk", "warn", "could not read"),
+    ({"state_write": "mktemp: failed to create directory via template '/home/u/.fablaunch/.fablaunch-doctor-XXXXXX': "
+                     "Read-only file system"}, "state_dir", "fail",
+     "/home/u/.fablaunch is not writable (Read-only file system): a launch keeps every job's scripts, logs"),
+    ({"state_write": "not a directory", "state_kb": None}, "state_dir", "fail", "not writable (not a directory)"),
+    ({"state_kb": str(99 * 1024 + 1023)}, "state_dir", "fail", "only 99 MiB free for /home/u/.fablaunch (under 100"),
+    ({"state_kb": "0"}, "state_dir", "fail", "only 0 MiB free"),
+    ({"state_kb": str(100 * 1024)}, "state_dir", "warn", "only 100 MiB free for /home/u/.fablaunch (under 1024 MiB)"),
+    ({"state_kb": str(1023 * 1024)}, "state_dir", "warn", "only 1023 MiB free"),
+    ({"state_kb": str(1024 * 1024)}, "state_dir", "ok", ""),
+    ({"state_kb": ""}, "state_dir", "warn", "could not read the free space for /home/u/.fablaunch"),
+    ({"state_write": None, "state_kb": None}, "state_dir", "warn", "could not check"),
     ({"nofile": "1024"}, "nofile", "warn", "ulimit -n) is 1024"),
     ({"nofile": "unlimited"}, "nofile", "ok", ""),
     ({"py_spy": ""}, "py_spy", "warn", "pip install py-spy"),
@@ -297,6 +310,38 @@ def test_host_payload_finds_a_missing_workdir_interpreter_and_a_taken_port(tmp_p
                                 expected_gpus=None, job=None, port=port, host="me")
     assert checks["workdir"].status == "fail" and checks["python"].status == "fail"
     assert checks["port"].status == "fail" and checks["port"].message == f"port {port} is in use on me"
+
+
+def state_dir_answer(home: Path) -> dict[str, str]:
+    """What host_payload says of ~/.fablaunch with this HOME (no interpreter: nothing slow runs)."""
+    out = run_bash(doctor.host_payload("/", "/no/python", None, None, "a"), {**os.environ, "HOME": str(home)})
+    return {k: v for k, v in doctor.parse_fields(out.stdout).items() if k.startswith("state_")}
+
+
+def test_host_payload_tries_writing_where_launch_would_and_leaves_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    answer = state_dir_answer(home)  # no ~/.fablaunch yet: its parent must take the new directory
+    assert answer["state_write"] == "ok" and answer["state_kb"].isdigit()
+    assert answer["state_path"] == f"{home}/.fablaunch"
+    assert list(home.iterdir()) == []
+    (home / ".fablaunch" / "jobs").mkdir(parents=True)
+    assert state_dir_answer(home)["state_write"] == "ok"
+    assert list((home / ".fablaunch" / "jobs").iterdir()) == []
+
+
+def test_host_payload_finds_a_fablaunch_dir_that_is_a_file_or_cannot_be_written(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".fablaunch").write_text("")
+    checks = doctor.host_checks(state_dir_answer(home), workdir="/", python="/no/python", expected_gpus=None,
+                                job=None, port=None, host="me")
+    assert checks["state_dir"].status == "fail" and "not a directory" in checks["state_dir"].message
+    (home / ".fablaunch").unlink()
+    (home / ".fablaunch").mkdir(mode=0o555)
+    if os.geteuid() != 0:  # root writes whatever the mode: tests/test_faults_limits.py mounts read-only instead
+        answer = state_dir_answer(home)
+        assert answer["state_write"] != "ok" and "Permission denied" in answer["state_write"]
 
 
 def test_port_in_use_without_any_python_falls_back_to_connecting(tmp_path: Path) -> None:

@@ -1,14 +1,17 @@
-"""The executor's held shells: a check and the action it guards run in one shell per host.
+"""The executor's held shells (a check and the action it guards run in one shell per host) and deadlines.
 
-`localhost` runs through a local bash, so these run without SSH; the real-cluster launch tests
-cover the same code over SSH.
+`localhost` runs through a local bash, so these run without SSH; the real-cluster launch tests and
+tests/test_faults_deadlines.py cover the same code over SSH.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import fabric
+import pytest
 
 from tasks.executor import REMOTE_SHELL, Executor, hold_line
 from tasks.hostfile import parse_host
@@ -48,3 +51,115 @@ def test_run_one_streams_output_line_by_line_and_keeps_stderr_apart() -> None:
     with Executor(fabric.Config(), 1) as ex:
         out = ex.run_one(LOCAL, REMOTE_SHELL, "echo a; echo b >&2; echo c\n", lines.append)
     assert lines == ["a\n", "c\n"] and (out.stdout, out.stderr, out.exit_code) == ("a\nc\n", "b\n", 0)
+
+
+# --- deadlines (issue 8): the localhost path; tests/test_faults_deadlines.py covers SSH hosts -----------------
+
+OTHER = parse_host("127.0.0.1", "test")  # also run through a local bash: a second "host" in one call
+
+
+def group_alive(pgid: int) -> list[int]:
+    """Running (not zombie) processes of a process group, read from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def started_group(path: Path, timeout: float = 10) -> int:
+    """The process group id a local script wrote to `path` (its shell's $$, the group leader)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        text = path.read_text().strip() if path.exists() else ""
+        if text:
+            return int(text)
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never written")
+
+
+def test_a_command_past_its_deadline_times_out_its_process_group_dies_and_other_hosts_keep_results(
+        tmp_path: Path) -> None:
+    pgid_file = tmp_path / "pgid"
+    slow = f"echo $$ > {pgid_file}; echo before; sleep 60 & sleep 60\n"
+    start = time.monotonic()
+    with Executor(fabric.Config(), 4, deadline=1) as ex:
+        out = ex.run({LOCAL: (REMOTE_SHELL, slow), OTHER: (REMOTE_SHELL, "echo fine\n")})
+    assert time.monotonic() - start < 10
+    assert (out["localhost"].error, out["localhost"].ok, out["localhost"].exit_code) == ("timed out after 1s", False,
+                                                                                        None)
+    assert out["localhost"].stdout == "before\n"  # what arrived before the deadline is kept
+    assert (out["127.0.0.1"].ok, out["127.0.0.1"].stdout) == (True, "fine\n")
+    assert group_alive(started_group(pgid_file)) == []  # both sleeps too, not just the shell
+
+
+def test_fab_T_replaces_the_callers_default_and_a_call_can_replace_the_executors() -> None:
+    config = fabric.Config()
+    config.timeouts.command = 1
+    with Executor(config, 2, deadline=30) as ex:
+        assert ex.run_one(LOCAL, REMOTE_SHELL, "sleep 30\n").error == "timed out after 1s"
+    with Executor(fabric.Config(), 2) as ex:  # no deadline by default; this call brings its own
+        assert ex.run_one(LOCAL, REMOTE_SHELL, "sleep 30\n", deadline=0.5).error == "timed out after 0.5s"
+        assert ex.run_one(LOCAL, REMOTE_SHELL, "sleep 0.2; echo done\n").stdout == "done\n"
+
+
+def test_a_held_shell_past_its_deadline_cannot_be_released(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    with Executor(fabric.Config(), 2, deadline=1) as ex:
+        held = ex.hold({LOCAL: (REMOTE_SHELL, f"sleep 30\n{hold_line(0)}\n")})
+        assert (held["localhost"].outcome.error, held["localhost"].shell) == ("timed out after 1s", None)
+        (late,) = ex.release(held, {"localhost": f"touch {marker}\n"}).values()
+    assert not late.reached and not marker.exists()
+
+
+def test_the_rest_of_a_held_script_is_patient_unless_told_otherwise() -> None:
+    with Executor(fabric.Config(), 2, deadline=0.5) as ex:
+        held = ex.hold({LOCAL: (REMOTE_SHELL, f"{hold_line(0)}\n")})
+        (done,) = ex.release(held, {"localhost": "sleep 1.5; echo launched\n"}).values()
+        assert (done.ok, done.stdout) == (True, "launched\n")
+        held = ex.hold({LOCAL: (REMOTE_SHELL, f"{hold_line(0)}\n")})
+        (cut,) = ex.release(held, {"localhost": "sleep 30\n"}, patient=False).values()
+        assert cut.error == "timed out after 0.5s"
+
+
+def test_a_patient_deadline_cuts_only_a_shell_that_never_started(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    streamed: list[str] = []
+    with Executor(fabric.Config(), 2, deadline=0.5, patient=True) as ex:
+        # Started (its STARTED line came back at once), then slow and silent: not cut.
+        slow = ex.run_one(LOCAL, REMOTE_SHELL, "sleep 1.5; echo a; echo b\n", streamed.append)
+        assert (slow.ok, streamed) == (True, ["a\n", "b\n"])
+        # A shell stuck in its startup files (bash reads BASH_ENV before its command) never starts.
+        hang = tmp_path / "hang.sh"
+        hang.write_text("sleep 60\n")
+        monkeypatch.setenv("BASH_ENV", str(hang))
+        stuck = ex.run_one(LOCAL, REMOTE_SHELL, "echo never\n")
+    assert (stuck.error, stuck.stdout) == ("timed out after 0.5s", "")
+
+
+def test_following_output_without_a_deadline_and_close_ends_what_is_in_flight(tmp_path: Path) -> None:
+    pgid_file = tmp_path / "pgid"
+    lines: list[str] = []
+    ex = Executor(fabric.Config(), 2, deadline=0.5)
+    script = f"echo $$ > {pgid_file}; while :; do echo tick; sleep 0.2; done\n"
+    follow = threading.Thread(target=ex.run_one, args=(LOCAL, REMOTE_SHELL, script, lines.append),
+                              kwargs={"deadline": None}, daemon=True)
+    follow.start()
+    pgid = started_group(pgid_file)
+    time.sleep(1.5)  # well past the executor's deadline: this call has none
+    assert follow.is_alive() and len(lines) >= 3
+    ex.close()  # Ctrl-C / SIGTERM: `with Executor` ends here
+    follow.join(10)
+    assert not follow.is_alive() and group_alive(pgid) == []
+
+
+def test_the_started_line_never_shows_in_output() -> None:
+    with Executor(fabric.Config(), 2, deadline=5) as ex:
+        out = ex.run_one(LOCAL, REMOTE_SHELL, "printf 'no newline'\n")
+        held = ex.hold({LOCAL: (REMOTE_SHELL, f"echo first\n{hold_line(0)}\n")})
+        (rest,) = ex.release(held, {"localhost": "echo second\n"}).values()
+    assert out.stdout == "no newline" and held["localhost"].outcome.stdout == "first\n" and rest.stdout == "second\n"

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tasks.errors import UsageError
-from tasks.hostfile import Host, parse_host, read_gpus, read_hosts
+from tasks.hostfile import MAX_SLOTS, Host, parse_host, read_gpus, read_hosts
 
 
 def write(tmp_path: Path, text: str, name: str = "hosts") -> Path:
@@ -153,13 +153,27 @@ def test_a_host_listed_twice_in_gpus_is_fine(tmp_path: Path) -> None:
     assert len(read_gpus(write(tmp_path, "node1\nnode1\n", "gpus"))) == 2
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "x", "", "1.5"])
+@pytest.mark.parametrize("value", ["0", "-1", "x", "", "1.5", "\uff18", "\u0668", "1_0", "+8"])
 def test_slots_must_be_a_positive_integer(tmp_path: Path, value: str) -> None:
     path = write(tmp_path, f"node0\nnode1 slots={value}\n")
     raises_at(f"{path}:2", "slots", repr(value), call=lambda: read_hosts(path))
 
 
-@pytest.mark.parametrize("port", ["0", "70000", "65536", "abc", "", "-1"])
+@pytest.mark.parametrize("value", ["1025", "99999999999999999999", "9" * 5000])
+def test_slots_above_the_cap_are_rejected(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f"node1 slots={value}\n")
+    raises_at(f"{path}:1", f"slots must be at most {MAX_SLOTS}", value, call=lambda: read_hosts(path))
+
+
+def test_slots_at_the_cap_are_accepted(tmp_path: Path) -> None:
+    assert read_hosts(write(tmp_path, f"node1 slots={MAX_SLOTS}\n"))[0].slots == MAX_SLOTS
+
+
+# Python's int() and str.isdigit() take these; ssh, tmux and torchrun do not.
+NON_ASCII_DIGITS = ["\uff12\uff12\uff12\uff12", "\u0662\u0662", "2\uff12", "\U0001d7da\U0001d7da"]
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "65536", "abc", "", "-1", "+22", "2_2", "2" * 5000, *NON_ASCII_DIGITS])
 def test_bad_port_is_rejected(tmp_path: Path, port: str) -> None:
     path = write(tmp_path, f"\nnode1:{port}\n", "gpus")
     raises_at(f"{path}:2", "port", call=lambda: read_gpus(path))
@@ -174,6 +188,19 @@ def test_port_range_edges_are_accepted(port: str) -> None:
 def test_option_like_or_malformed_hosts_are_rejected(text: str) -> None:
     with pytest.raises(UsageError, match="where"):
         parse_host(text, "where")
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("@node1", "nothing before '@'"),
+    ("@node1:2222", "nothing before '@'"),
+    ("@", "nothing before '@'"),
+    ("user@", "no host name after '@'"),
+])
+def test_an_empty_user_or_host_around_at_is_refused_not_guessed(tmp_path: Path, text: str, why: str) -> None:
+    path = write(tmp_path, f"node2\n{text}\n", "gpus")
+    raises_at(f"{path}:2", why, repr(text), call=lambda: read_gpus(path))
+    path = write(tmp_path, f"node2\n{text} slots=2\n")
+    raises_at(f"{path}:2", why, call=lambda: read_hosts(path))
 
 
 @given(st.lists(st.sampled_from(["a", "b", "u@c", "d:2200", "10.1.1.1"]), min_size=1, max_size=30))

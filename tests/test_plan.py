@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tasks.errors import UsageError
 from tasks.hostfile import Host, parse_host
-from tasks.plan import JOBS_DIR, TAG_VAR, Plan, RemotePath, plan_gpus, plan_torchrun
+from tasks.plan import JOBS_DIR, RANK_ENV, TAG_VAR, Plan, RemotePath, plan_gpus, plan_torchrun, reserved_env
 from tasks.spec import JobSpec
 
 JOB = "bert-1"
@@ -121,10 +121,8 @@ def test_user_env_can_set_omp_threads() -> None:
 
 
 def test_user_env_cannot_override_the_rank_contract() -> None:
-    plan = gpus("a", "b", spec=job_spec(env={"RANK": "99", "WORLD_SIZE": "1", "MASTER_ADDR": "evil"}))
-    assert env_column(plan, "RANK") == ["0", "1"]
-    assert env_column(plan, "WORLD_SIZE") == ["2", "2"]
-    assert env_column(plan, "MASTER_ADDR") == ["10.0.0.1", "10.0.0.1"]
+    with pytest.raises(UsageError, match="RANK is set by fablaunch for each rank"):
+        gpus("a", "b", spec=job_spec(env={"RANK": "99"}))
 
 
 def test_error_file_is_distinct_per_rank_and_names_host_and_rank() -> None:
@@ -173,6 +171,12 @@ def test_plan_on_a_host_gives_its_sessions_in_rank_order(interleaved: Plan) -> N
 def test_plan_records_the_job_inputs(interleaved: Plan) -> None:
     assert (interleaved.job, interleaved.mode, interleaved.workdir) == (JOB, "gpus", WORKDIR)
     assert interleaved.command == ("train.py", "--lr", "1e-3")
+
+
+@pytest.mark.parametrize("planner", [gpus, torchrun])
+def test_plan_carries_the_keys_the_user_marked_secret(planner) -> None:
+    assert planner("a", spec=job_spec(secrets=["MY_DSN"])).secrets == frozenset({"MY_DSN"})
+    assert planner("a").secrets == frozenset()
 
 
 @given(st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), min_size=1, max_size=20))
@@ -240,13 +244,35 @@ def test_remote_first_host_with_local_hosts_after_it_is_fine() -> None:
 # --- reserved variables ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["TORCHELASTIC_ERROR_FILE", "FABLAUNCH_TAG", "FABLAUNCH_JOB", "FABLAUNCH_HOST"])
+OWNED = ["TORCHELASTIC_ERROR_FILE", "FABLAUNCH_TAG", "FABLAUNCH_JOB", "FABLAUNCH_HOST", "FABLAUNCH_ANYTHING",
+         *RANK_ENV]
+
+
+def test_the_reserved_names_are_the_whole_torchrun_contract() -> None:
+    assert set(RANK_ENV) == {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+                             "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    plan = gpus("a", "b")
+    assert set(RANK_ENV) <= set(plan.sessions[0].env_dict)  # every one of them is really set per rank
+
+
+@pytest.mark.parametrize("key", OWNED)
 @pytest.mark.parametrize("planner", [gpus, torchrun])
 def test_reserved_variables_cannot_be_set_with_env(planner, key: str) -> None:
     with pytest.raises(UsageError) as info:
         planner("a", "b", spec=job_spec(env={key: "/tmp/shared.json"}))
     assert str(info.value).startswith("--env:")
-    assert key in str(info.value)
+    assert f"{key} is set by fablaunch" in str(info.value)
+
+
+@pytest.mark.parametrize(("key", "flag"), [("MASTER_ADDR", "--master-addr"), ("MASTER_PORT", "--port")])
+def test_refusing_master_addr_or_port_points_to_the_flag_that_sets_it(key: str, flag: str) -> None:
+    assert f"use {flag}" in (reserved_env(key) or "")
+
+
+@pytest.mark.parametrize("key", ["OMP_NUM_THREADS", "PYTHONUNBUFFERED", "NCCL_DEBUG", "RANKING", "MY_RANK"])
+def test_defaults_and_look_alike_names_stay_the_users(key: str) -> None:
+    assert reserved_env(key) is None
+    assert gpus("a", spec=job_spec(env={key: "8"})).sessions[0].env_dict[key] == "8"
 
 
 # --- per-node mode: torchrun ---------------------------------------------------------------------------------

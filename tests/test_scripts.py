@@ -198,11 +198,48 @@ def test_without_mask_secret_values_are_in_the_script() -> None:
 
 @pytest.mark.parametrize(("key", "secret"), [
     ("HF_TOKEN", True), ("AWS_SECRET_ACCESS_KEY", True), ("WANDB_API_KEY", True), ("GITHUB_AUTH", True),
-    ("MY_PASSWORD", True), ("PRIVATE_URL", True), ("NCCL_DEBUG", False), ("OMP_NUM_THREADS", False),
-    ("RANK", False), ("MASTER_ADDR", False),
+    ("MY_PASSWORD", True), ("PRIVATE_URL", True), ("DB_PASS", True), ("DB_PASSWD", True), ("MYSQL_PWD", True),
+    ("GITHUB_PAT", True), ("PAT", True), ("gitlab_pat", True), ("hf_token", True),
+    ("NCCL_DEBUG", False), ("OMP_NUM_THREADS", False), ("RANK", False), ("MASTER_ADDR", False), ("PATH", False),
+    ("PATTERN", False), ("PATIENCE", False), ("SPATIAL_DIM", False), ("DATA_DIR", False),
 ])
 def test_is_secret(key: str, secret: bool) -> None:
     assert scripts.is_secret(key) is secret
+
+
+def test_keys_the_user_marks_are_secret_whatever_their_name() -> None:
+    assert scripts.is_secret("MY_DSN", {"MY_DSN"})
+    assert not scripts.is_secret("MY_DSN")
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("https://user:hunter2@host/x", "https://user:*****@host/x"),
+    ("postgres://u:p@ss:w@db:5432/app?x=1", "postgres://u:*****@db:5432/app?x=1"),
+    ("redis://:pw@cache:6379/0", "redis://:*****@cache:6379/0"),
+    ("a=mysql://r:one@h1/x,b=mysql://r:two@h2/y", "a=mysql://r:*****@h1/x,b=mysql://r:*****@h2/y"),
+    ("http://host:8080/a@b", "http://host:8080/a@b"),  # a port and an '@' in the path: no credentials
+    ("https://user@host/x", "https://user@host/x"),  # a user name alone is not a secret
+    ("/data/imagenet", "/data/imagenet"),
+    ("me@example.com:pw", "me@example.com:pw"),
+])
+def test_a_password_inside_a_url_is_masked_whatever_the_variable_is_called(value: str, shown: str) -> None:
+    assert scripts.masked("DATABASE_URL", value) == shlex.quote(shown)
+
+
+def test_a_masked_dry_run_script_shows_no_url_password_or_marked_value() -> None:
+    env = {"DB_URL": "postgres://app:pgSECRET5@db/x", "MY_DSN": "dsnSECRET6", "DB_PASS": "SECRET7",
+           "MYSQL_PWD": "SECRET8", "GITHUB_PAT": "ghp_SECRET9", **VISIBLE}
+    spec = JobSpec(command=["train.py"], env=env, secrets=["MY_DSN"])
+    for plan in (plan_gpus(spec, [parse_host("a", "t")], JOB, "python", "/w"),
+                 plan_torchrun(spec, [parse_host("a", "t")], JOB, "python", "/w")):
+        text = scripts.session_script(plan, plan.sessions[0], LAUNCHED, mask=True)
+        assert "SECRET" not in text
+        assert "export DB_URL='postgres://app:*****@db/x'\n" in text
+        for key in ("MY_DSN", "DB_PASS", "MYSQL_PWD", "GITHUB_PAT"):
+            assert f"export {key}={scripts.MASK}\n" in text
+        for key, value in VISIBLE.items():
+            assert f"export {key}={shlex.quote(value)}\n" in text
+        assert "pgSECRET5" in scripts.session_script(plan, plan.sessions[0], LAUNCHED)  # only a dry run masks
 
 
 # --- payloads -----------------------------------------------------------------------------------------------
@@ -223,7 +260,7 @@ def decoded_files(payload: str, tmp_path: Path) -> dict[str, bytes]:
     (block,) = re.findall(r"^eval \"\$\(base64 -d <<'FABLAUNCH_B64'\n([A-Za-z0-9+/=\n]*?)\nFABLAUNCH_B64\n\)\"$",
                           payload, re.M)
     snippet = base64.b64decode(block)
-    paths = re.findall(rb"> (\"\$dir/[^\"]+\") \|\| exit 3$", snippet, re.M)
+    paths = re.findall(rb"> (\"\$dir/[^\"]+\") \|\| ", snippet, re.M)
     subprocess.run(["bash", "-c", 'eval "$1"', "-", snippet.decode("utf-8", "surrogateescape")],
                    env={"dir": str(tmp_path), "PATH": os.environ["PATH"]}, check=True)
     return {p.decode(): (tmp_path / p.decode().split("/", 1)[1].rstrip('"')).read_bytes() for p in paths}

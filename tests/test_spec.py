@@ -10,7 +10,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tasks.errors import UsageError
-from tasks.spec import DEFAULT_PARALLEL, DEFAULT_PORT, JobSpec, build_spec, check_job_name, default_job_name, parse_env
+from tasks.hostfile import MAX_SLOTS
+from tasks.spec import (
+    DEFAULT_PARALLEL,
+    DEFAULT_PORT,
+    MAX_PARALLEL,
+    MAX_TOTAL_BYTES,
+    MAX_VALUE_BYTES,
+    JobSpec,
+    build_spec,
+    check_job_name,
+    default_job_name,
+    parse_env,
+    read_spec,
+)
 
 CMD = ["train.py", "--lr", "1e-3"]
 
@@ -41,18 +54,19 @@ python: /opt/venv/bin/python
 workdir: /data/proj
 port: 6100
 master_addr: 10.0.0.1
-env: {NCCL_DEBUG: INFO, SEED: 7, FLAG: true}
+env: {NCCL_DEBUG: INFO, SEED: "7", FLAG: "true"}
 parallel: 4
 nproc_per_node: 8
 max_restarts: 2
 torchrun_args: [--monitor-interval, 1]
+secrets: [MY_DSN]
 """)
     spec = build_spec(path, [])
     assert spec == JobSpec(
         command=["train.py", "--epochs", "3"], name="bert", hosts="cluster/hosts", gpus="cluster/gpus",
         python="/opt/venv/bin/python", workdir="/data/proj", port=6100, master_addr="10.0.0.1",
         env={"NCCL_DEBUG": "INFO", "SEED": "7", "FLAG": "true"}, parallel=4, nproc_per_node="8", max_restarts=2,
-        torchrun_args=["--monitor-interval", "1"],
+        torchrun_args=["--monitor-interval", "1"], secrets=["MY_DSN"],
     )
 
 
@@ -309,3 +323,284 @@ def test_good_master_addr_is_accepted(addr: str) -> None:
 def test_python_path_with_newline_is_rejected() -> None:
     with pytest.raises(UsageError, match="--python"):
         build_spec(None, CMD, python="/usr/bin/python\nrm -rf /")
+
+
+# --- files that are not text ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [
+    b"\x00\xff\xfe\x01binary",
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",  # a PNG's first bytes
+    "name: caf\u00e9\n".encode("latin-1"),  # text, but not UTF-8
+    b"\xff\xfe" + "name: x\n".encode("utf-16-le"),
+])
+def test_a_binary_or_non_utf8_spec_file_is_refused_by_name(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(data)
+    with pytest.raises(UsageError) as info:
+        build_spec(str(path), CMD)
+    assert info.value.where == str(path)
+    assert "not a text YAML file" in info.value.problem
+
+
+def test_a_directory_given_as_spec_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="cannot read spec") as info:
+        build_spec(str(tmp_path), CMD)
+    assert info.value.where == str(tmp_path)
+
+
+# --- what YAML would silently rewrite ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("written", "reading"), [
+    ("1.10", "the number 1.1"),
+    ("010", "the number 8"),  # YAML 1.1 octal
+    ("0x1F", "the number 31"),
+    ("12:30", "the number 750"),  # YAML 1.1 sexagesimal
+    ("1_000", "the number 1000"),
+    ("7", "a number"),
+    ("on", "true (a boolean)"),
+    ("yes", "true (a boolean)"),
+    ("Off", "false (a boolean)"),
+    ("true", "true (a boolean)"),
+    ("null", "null"),
+    ("~", "null"),
+    (".inf", "the number inf"),
+    ("2024-01-02", "2024-01-02 (a date)"),
+])
+def test_env_values_yaml_would_rewrite_are_refused_with_a_hint_to_quote_them(tmp_path: Path, written: str,
+                                                                             reading: str) -> None:
+    path = spec_file(tmp_path, f"command: [train.py]\nenv:\n  NCCL_DEBUG: INFO\n  V: {written}\n")
+    with pytest.raises(UsageError) as info:
+        read_spec(path)
+    assert info.value.where == f"{path}: key 'env.V'"
+    assert f"YAML reads {written} as {reading}" in info.value.problem
+    assert f'write "{written}" in quotes' in info.value.problem
+
+
+def test_an_env_key_without_a_value_is_refused_with_a_hint(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match='write "" for an empty string') as info:
+        read_spec(spec_file(tmp_path, "env:\n  EMPTY:\n"))
+    assert "key 'env.EMPTY'" in info.value.where
+
+
+@pytest.mark.parametrize("written", ["1.10", "010", "12:30", "on", "7", "", "null", "~"])
+def test_quoted_env_values_are_kept_exactly_as_written(tmp_path: Path, written: str) -> None:
+    for quoted in (f'"{written}"', f"'{written}'"):
+        assert read_spec(spec_file(tmp_path, f"env: {{V: {quoted}}}\n"))["env"] == {"V": written}
+
+
+def test_plain_string_env_values_need_no_quotes(tmp_path: Path) -> None:
+    text = "env:\n  A: INFO\n  B: /data/x y\n  C: 0,1\n  D: 1e3\n  E: v1.10\n  F: |\n    two\n    lines\n"
+    assert read_spec(spec_file(tmp_path, text))["env"] == {"A": "INFO", "B": "/data/x y", "C": "0,1", "D": "1e3",
+                                                           "E": "v1.10", "F": "two\nlines\n"}
+
+
+@pytest.mark.parametrize(("key", "reading"), [("ON", "true (a boolean)"), ("NO", "false (a boolean)"),
+                                              ("1", "a number"), ("null", "null")])
+def test_env_keys_yaml_reads_as_something_else_are_refused_by_name(tmp_path: Path, key: str, reading: str) -> None:
+    with pytest.raises(UsageError) as info:
+        read_spec(spec_file(tmp_path, f"env:\n  OK: x\n  {key}: x\n"))
+    assert info.value.where == f"{tmp_path / 'job.yaml'}: key 'env.{key}'"
+    assert f"YAML reads {key} as {reading}" in info.value.problem
+    assert f'write "{key}" in quotes' in info.value.problem
+
+
+def test_a_quoted_env_key_that_yaml_would_rewrite_is_kept(tmp_path: Path) -> None:
+    assert read_spec(spec_file(tmp_path, 'env: {"ON": x, "NO": "y"}\n'))["env"] == {"ON": "x", "NO": "y"}
+
+
+def test_command_and_torchrun_args_items_are_taken_exactly_as_written(tmp_path: Path) -> None:
+    words = ["--lr", "1.10", "--n", "010", "--at", "12:30", "--flag", "on", "--home", "~", "--hex", "0x1F"]
+    path = spec_file(tmp_path, f"command: [train.py, {', '.join(words)}]\ntorchrun_args: [--x, 1.10, 'q d']\n")
+    data = read_spec(path)
+    assert data["command"] == ["train.py", *words]
+    assert data["torchrun_args"] == ["--x", "1.10", "q d"]
+
+
+@pytest.mark.parametrize(("line", "key", "reading"), [
+    ("port: 0x1389", "port", "5001"),
+    ("port: 05001", "port", "2561"),  # octal
+    ("port: 1_0000", "port", "10000"),
+    ("parallel: 1:30", "parallel", "90"),  # sexagesimal
+    ("max_restarts: 0b11", "max_restarts", "3"),
+])
+def test_integer_options_must_be_plain_decimal(tmp_path: Path, line: str, key: str, reading: str) -> None:
+    with pytest.raises(UsageError) as info:
+        read_spec(spec_file(tmp_path, line + "\n"))
+    assert info.value.where.endswith(f"key {key!r}")
+    assert "plain decimal number" in info.value.problem and reading in info.value.problem
+
+
+def test_an_integer_too_long_for_python_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    path = spec_file(tmp_path, f"port: {'9' * 5000}\n")
+    with pytest.raises(UsageError, match="cannot read spec") as info:
+        read_spec(path)
+    assert info.value.where == path
+
+
+def test_nproc_per_node_in_a_non_decimal_form_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--nproc-per-node: '0x8'"):
+        build_spec(spec_file(tmp_path, "nproc_per_node: 0x8\n"), CMD)
+
+
+# --- keys given twice --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "key", "lines"), [
+    ("command: [a.py]\nport: 6000\nname: x\nport: 6001\n", "port", (2, 4)),
+    ("env:\n  A: x\n  B: y\n  A: z\n", "env.A", (2, 4)),
+    ("env: {A: x, 'A': y}\n", "env.A", (1, 1)),
+    ("env:\n  A: x\nenv:\n  B: y\n", "env", (1, 3)),
+])
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path: Path, text: str, key: str,
+                                                        lines: tuple[int, int]) -> None:
+    path = spec_file(tmp_path, text)
+    with pytest.raises(UsageError) as info:
+        read_spec(path)
+    assert info.value.where == f"{path}: key {key!r}"
+    assert f"given twice, on lines {lines[0]} and {lines[1]}" in info.value.problem
+
+
+def test_a_merged_key_may_be_overridden_as_yaml_says(tmp_path: Path) -> None:
+    path = spec_file(tmp_path, 'env: {<<: {A: "1", B: "2"}, B: "3"}\n')
+    assert read_spec(path)["env"] == {"A": "1", "B": "3"}
+
+
+# --- what no process can be given --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("line", "where"), [
+    ('env: {V: "a\\0b"}', "key 'env.V'"),
+    ('command: [train.py, "a\\0b"]', "command"),
+    ('torchrun_args: ["--x\\0"]', "torchrun_args"),
+    ('workdir: "/data\\0x"', "--workdir"),
+    ('python: "/py\\0"', "--python"),
+    ('gpus: "gpus\\0"', "--gpus"),
+])
+def test_a_nul_byte_anywhere_is_refused_not_dropped(tmp_path: Path, line: str, where: str) -> None:
+    with pytest.raises(UsageError, match="NUL byte") as info:
+        build_spec(spec_file(tmp_path, line + "\n"), CMD if "command" not in line else [])
+    assert where in info.value.where
+
+
+def test_a_nul_byte_in_an_env_flag_value_is_refused() -> None:
+    with pytest.raises(UsageError, match="NUL byte") as info:
+        build_spec(None, CMD, env={"V": "a\0b"})
+    assert info.value.where == "--env"
+
+
+BIG = "x" * MAX_VALUE_BYTES
+
+
+def test_an_env_value_over_the_limit_is_refused_naming_the_variable_and_the_limit(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as info:
+        build_spec(None, CMD, env={"BIG": BIG})
+    assert info.value.where == "--env"
+    assert "BIG=VALUE" in info.value.problem and str(MAX_VALUE_BYTES) in info.value.problem
+    path = spec_file(tmp_path, f"env: {{BIG: '{BIG}'}}\n")
+    with pytest.raises(UsageError, match=str(MAX_VALUE_BYTES)) as info:
+        build_spec(path, CMD)
+    assert info.value.where == f"{path}: key 'env.BIG'"
+
+
+def test_an_env_value_up_to_the_limit_is_accepted() -> None:
+    value = "x" * (MAX_VALUE_BYTES - len("BIG="))
+    assert build_spec(None, CMD, env={"BIG": value}).env["BIG"] == value
+
+
+def test_the_limit_counts_bytes_not_characters() -> None:
+    with pytest.raises(UsageError, match="--env"):
+        build_spec(None, CMD, env={"BIG": "\u00e9" * (MAX_VALUE_BYTES // 2)})  # 2 bytes each in UTF-8
+
+
+def test_a_command_argument_over_the_limit_is_refused() -> None:
+    with pytest.raises(UsageError, match=f"argument 2 is {MAX_VALUE_BYTES + 1} bytes") as info:
+        build_spec(None, ["train.py", BIG + "x"])
+    assert info.value.where == "command"
+
+
+def test_command_and_environment_together_over_the_limit_are_refused() -> None:
+    env = {f"V{i}": "x" * (MAX_VALUE_BYTES - 10) for i in range(MAX_TOTAL_BYTES // MAX_VALUE_BYTES + 1)}
+    with pytest.raises(UsageError, match=str(MAX_TOTAL_BYTES)) as info:
+        build_spec(None, CMD, env=env)
+    assert "--env" in info.value.where and "command" in info.value.where
+
+
+# --- the command -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[""], ["", "train.py"], [" "], ["\t", "x"], ["  ", ""]])
+def test_a_blank_first_word_is_refused(command: list[str]) -> None:
+    with pytest.raises(UsageError, match="blank") as info:
+        build_spec(None, command)
+    assert info.value.where == "command"
+
+
+def test_a_blank_first_word_in_the_spec_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="blank"):
+        build_spec(spec_file(tmp_path, 'command: ["", train.py]\n'), [])
+
+
+def test_empty_later_arguments_are_kept() -> None:
+    assert build_spec(None, ["train.py", "", " "]).command == ["train.py", "", " "]
+
+
+# --- env the user may not set, secrets ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "FABLAUNCH_TAG",
+                                 "TORCHELASTIC_ERROR_FILE"])
+def test_a_variable_fablaunch_sets_is_refused_naming_where_it_came_from(tmp_path: Path, key: str) -> None:
+    with pytest.raises(UsageError, match=f"{key} is set by fablaunch") as info:
+        build_spec(None, CMD, env={key: "7"})
+    assert info.value.where == "--env"
+    path = spec_file(tmp_path, f"env: {{{key}: '7'}}\n")
+    with pytest.raises(UsageError, match=f"{key} is set by fablaunch") as info:
+        build_spec(path, CMD)
+    assert info.value.where == f"{path}: key 'env.{key}'"
+
+
+def test_omp_threads_and_unbuffered_output_are_defaults_the_user_may_set() -> None:
+    env = {"OMP_NUM_THREADS": "8", "PYTHONUNBUFFERED": "0"}
+    assert build_spec(None, CMD, env=env).env == env
+
+
+def test_secrets_from_the_spec_and_flags_are_merged_once_each(tmp_path: Path) -> None:
+    path = spec_file(tmp_path, "secrets: [A, B]\n")
+    assert build_spec(path, CMD, secrets=["B", "C"]).secrets == ["A", "B", "C"]
+    assert build_spec(None, CMD).secrets == []
+
+
+@pytest.mark.parametrize(("text", "flags", "where"), [
+    ("secrets: [1X]\n", [], "key 'secrets'"),
+    ("secrets: A\n", [], "key 'secrets'"),
+    ("", ["BAD-NAME"], "--secret"),
+])
+def test_a_secret_must_name_an_environment_variable(tmp_path: Path, text: str, flags: list[str], where: str) -> None:
+    with pytest.raises(UsageError) as info:
+        build_spec(spec_file(tmp_path, text), CMD, secrets=flags)
+    assert where in info.value.where
+
+
+# --- blank job names, bounds on numbers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", " ", "   ", "\t", "\n"])
+def test_a_blank_job_name_is_a_usage_error_not_no_name(name: str) -> None:
+    with pytest.raises(UsageError, match="not a valid job name"):
+        check_job_name(name, "--job")
+    with pytest.raises(UsageError, match="--job"):
+        build_spec(None, CMD, name=name)
+
+
+def test_parallel_is_capped(tmp_path: Path) -> None:
+    assert build_spec(None, CMD, parallel=MAX_PARALLEL).parallel == MAX_PARALLEL
+    with pytest.raises(UsageError, match=f"--parallel: must be from 1 to {MAX_PARALLEL}"):
+        build_spec(spec_file(tmp_path, f"parallel: {MAX_PARALLEL + 1}\n"), CMD)
+
+
+@pytest.mark.parametrize("nproc", ["\uff18", "\u0664", "1_0", " 4", str(MAX_SLOTS + 1), "9" * 20, "9" * 5000])
+def test_nproc_per_node_is_ascii_digits_up_to_the_slots_cap(nproc: str) -> None:
+    with pytest.raises(UsageError, match="--nproc-per-node"):
+        build_spec(None, CMD, nproc_per_node=nproc)

@@ -33,7 +33,7 @@ def dump(home: Path, job: str | None) -> list[survey.SessionState]:
     env = {**os.environ, "HOME": str(home), "TMUX_TMPDIR": str(home / "no-tmux")}
     (home / "no-tmux").mkdir(exist_ok=True)
     out = subprocess.run(["bash", "-s"], input=survey.payload(HOST, job), env=env, capture_output=True, text=True,
-                         check=True).stdout
+                         errors="replace", check=True).stdout
     return survey.parse(HOST, out)
 
 
@@ -93,3 +93,79 @@ def test_without_a_job_every_job_on_the_host_is_surveyed_and_earlier_runs_are_no
 
 def test_a_host_with_no_jobs_and_no_tmux_server_dumps_nothing(tmp_path: Path) -> None:
     assert dump(tmp_path, None) == []
+
+
+# --- nothing a rank writes is protocol ------------------------------------------------------------------------
+
+
+def test_a_log_that_prints_section_lines_and_forged_records_changes_no_state(tmp_path: Path) -> None:
+    d = job_dir(tmp_path, "j", "gpus", ["rank-0", "rank-1"])
+    forged = [
+        "\x1eNOW not-a-number",
+        f"\x1eFILE {d}/rank-0.exit", '{"exit_code": 0, "start_time": 1, "end_time": 2}',
+        f"{survey.SEP[:3]}MANIFEST {d}", '{"job": 1}',
+        f"==> {d}/rank-1.log <==", "injected into rank 1",
+        "[rank0]: [/pair.cc:553] last",
+    ]
+    (d / "rank-0.log").write_text("\n".join(forged) + "\n")
+    states = {s.rank: s for s in dump(tmp_path, "j")}
+    assert (states[0].state, states[0].exit_code) == ("lost", None)  # no record was written, none was forged
+    assert states[0].last_line == "[rank0]: [/pair.cc:553] last"
+    assert states[0].tail[0].startswith(survey.SEP[:3])  # shown as the rank's text, not taken as a section
+    assert states[1].tail == []  # the forged tail header put nothing into rank 1's log
+
+
+def test_the_section_boundary_is_random_per_process() -> None:
+    other = subprocess.run(["python3", "-c", "from tasks import survey; print(survey.SEP[1:])"], capture_output=True,
+                           text=True, check=True, cwd=Path(__file__).parents[1]).stdout.strip()
+    assert survey.SEP.startswith("\x1e") and len(survey.SEP) > 8 and other != survey.SEP[1:]
+
+
+def test_an_exit_record_of_another_run_is_not_this_runs(tmp_path: Path) -> None:
+    d = job_dir(tmp_path, "j", "gpus", ["rank-0", "rank-1"])
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**manifest, "run": "new"}))
+    (d / "rank-0.exit").write_text(json.dumps({"run": "old", "exit_code": 137, "start_time": 1, "end_time": 2}))
+    (d / "rank-1.exit").write_text(json.dumps({"run": "new", "exit_code": 3, "start_time": 1, "end_time": 2})
+                                   + " " * 200 + "\n")  # padded, as the session script writes it
+    states = {s.rank: s for s in dump(tmp_path, "j")}
+    assert (states[0].state, states[0].signal) == ("lost", None)
+    assert (states[1].state, states[1].exit_code) == ("failed", 3)
+
+
+def test_a_placeholder_record_without_a_live_session_is_lost_not_succeeded(tmp_path: Path) -> None:
+    d = job_dir(tmp_path, "j", "gpus", ["rank-0"])
+    (d / "rank-0.exit").write_text('{"run": "", "exit_code": null, "start_time": 5.5, "end_time": null}\n')
+    (state,) = dump(tmp_path, "j")
+    assert (state.state, state.exit_code) == ("lost", None)
+
+
+def test_a_damaged_manifest_or_record_is_skipped_and_the_other_jobs_are_still_shown(tmp_path: Path) -> None:
+    good = job_dir(tmp_path, "good", "gpus", ["rank-0"])
+    exit_record(good, "rank-0", 0, 10.0)
+    bad = job_dir(tmp_path, "bad", "gpus", ["rank-0", "rank-1"])
+    (bad / "manifest.json").write_text(json.dumps({"job": "bad", "mode": "gpus", "sessions": [{"session": 5}, 7]}))
+    worse = job_dir(tmp_path, "worse", "gpus", ["rank-0"])
+    (worse / "manifest.json").write_bytes(b"\xff\xfe not json")
+    (good / "rank-0.exit").write_text('{"exit_code": "zero", "end_time": "soon"}')
+    states = dump(tmp_path, None)
+    assert [(s.job, s.state) for s in states] == [("good", "lost")]
+
+
+def test_a_process_of_a_session_whose_tmux_server_died_makes_it_running_detached() -> None:
+    out = "\n".join([
+        f"{survey.SEP}NOW 100.0", f"{survey.SEP}TMUX", f"{survey.SEP}PROCS",
+        "/proc/4242/environ:FABLAUNCH_SESSION=j-rank-0@node1",
+        "/proc/4243/environ:FABLAUNCH_SESSION=j-rank-0@node1",
+        "/proc/99/environ:FABLAUNCH_SESSION=j-rank-1@node1b",  # another host's label: not this host's rank 1
+        "FABLAUNCH_SESSION=j-rank-1@node1",  # not a /proc line: a value with a newline in it
+        f"{survey.SEP}MANIFEST /h/.fablaunch/jobs/j/node1",
+        json.dumps({"job": "j", "mode": "gpus", "run": "r", "sessions": [
+            {"session": "j-rank-0", "host": "node1", "rank": 0, "node": 0},
+            {"session": "j-rank-1", "host": "node1", "rank": 1, "node": 0}]}),
+        f"{survey.SEP}FILE /h/.fablaunch/jobs/j/node1/rank-0.exit",
+        '{"run": "r", "exit_code": null, "start_time": 40.0, "end_time": null}',
+    ])
+    states = {s.rank: s for s in survey.parse(HOST, out)}
+    assert (states[0].state, states[0].detached, states[0].pid, states[0].runtime) == ("running", True, 4242, 60.0)
+    assert (states[1].state, states[1].detached) == ("lost", False)
