@@ -114,6 +114,9 @@ def describe_error(exc: BaseException) -> str:
         return "unreachable: connection timed out"
     if isinstance(exc, paramiko.AuthenticationException):
         return f"authentication failed: {exc}"
+    if isinstance(exc, paramiko.SSHException) and "banner" in str(exc).lower():
+        # What is left after the retries of a handshake that sshd kept dropping.
+        return "unreachable: connection closed before the SSH banner (sshd busy: MaxStartups?)"
     if isinstance(exc, OSError) and exc.strerror:
         return f"unreachable: {exc.strerror}"
     return f"{type(exc).__name__}: {exc}"
@@ -247,11 +250,14 @@ class Executor:
         self._live: set[_Shell] = set()
         self._closed = False
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="fablaunch")
-        self._sigterm: Any = None
-        # SIGTERM (a CI timeout, `kill`) would end fab without unwinding, leaving every remote command in
-        # flight running: treat it like Ctrl-C, so `with Executor` ends them and a launch rolls back.
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
+        self._handlers: dict[int, Any] = {}
+        # SIGTERM (a CI timeout, `kill`) and SIGHUP (a closed terminal) would end fab without unwinding,
+        # leaving every remote command in flight running: treat them like Ctrl-C, so `with Executor`
+        # ends those. Only where nobody else handles them (launch has its own handlers).
+        if threading.current_thread() is threading.main_thread():
+            for signum in _ENDING:
+                if signal.getsignal(signum) == signal.SIG_DFL:
+                    self._handlers[signum] = signal.signal(signum, _interrupt)
 
     def __enter__(self) -> Executor:
         return self
@@ -273,10 +279,11 @@ class Executor:
                 conn.close()
         self._connections.clear()
         # Put back what was there, unless someone replaced our handler since (theirs stays).
-        if (self._sigterm is not None and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGTERM) is _interrupt):
-            signal.signal(signal.SIGTERM, self._sigterm)
-        self._sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._handlers.items():
+                if signal.getsignal(signum) is _interrupt:
+                    signal.signal(signum, handler)
+            self._handlers.clear()
 
     def _limit(self, deadline: DeadlineArg, patient: bool | None) -> tuple[float | None, bool]:
         """A call's (seconds, patient): its own where given, else the executor's."""
@@ -294,7 +301,8 @@ class Executor:
 
         `on_done` is called in the caller's thread as each host finishes (for progress bars).
         `deadline`/`patient` replace the executor's for this call (None: no deadline).
-        A KeyboardInterrupt propagates at once; hosts already running finish in the background.
+        A KeyboardInterrupt propagates at once; `close()` (the end of `with Executor`) ends the hosts
+        still running.
         """
         return self._gather({h.spec: functools.partial(self.run_one, h, cmd, stdin, deadline=deadline, patient=patient)
                              for h, (cmd, stdin) in commands.items()}, on_done)
@@ -492,9 +500,12 @@ class Executor:
             conn.close()
 
 
+_ENDING = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM handler: unwind like Ctrl-C, so every `with Executor` ends its remote commands."""
-    raise KeyboardInterrupt(f"signal {signum}")
+    """SIGTERM/SIGHUP handler: unwind like Ctrl-C, so every `with Executor` ends its remote commands."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 HOLD = "\x1eFABLAUNCH_HOLD"

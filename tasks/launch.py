@@ -19,7 +19,7 @@ from typing import Any
 
 from invoke import Exit, task
 
-from . import records, ui
+from . import records, tmux, ui
 from .errors import UsageError
 from .executor import REMOTE_SHELL, Executor, Held, Outcome
 from .flags import int_flag, usage_error
@@ -85,8 +85,10 @@ def make_plan(config: Any, mode: str, spec: JobSpec, job: str | None = None) -> 
     if job is None:
         job = check_job_name(spec.name, "--job") if spec.name else default_job_name(spec.command)
     planner = plan_gpus if mode == "gpus" else plan_torchrun
-    return planner(spec, hosts, job, spec.python or default_python(), spec.workdir or default_workdir(),
+    plan = planner(spec, hosts, job, spec.python or default_python(), spec.workdir or default_workdir(),
                    resolver(config))
+    tmux.check_fits(plan)  # refused here, not after some hosts have started
+    return plan
 
 
 def _make_plan(c: Any, mode: str, spec: JobSpec) -> tuple[Plan, str]:

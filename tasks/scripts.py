@@ -83,7 +83,8 @@ def session_script(plan: Plan, session: Session, launched: str, mask: bool = Fal
         f"export {key}={masked(key, value, plan.secrets) if mask else sh(value)}" for key, value in session.env
     ]
     exports += [f"export {SESSION_VAR}={sh(session_marker(session))}", f"export {RUN_VAR}={sh(run)}"]
-    command = " ".join(sh(arg) for arg in session.argv)
+    # A dry run shows command arguments with URL passwords masked too (`--db postgres://u:pw@h/x`).
+    command = " ".join(masked("", arg) if mask else sh(arg) for arg in session.argv)
     return "\n".join([
         "#!/bin/bash",
         f"# fablaunch job {plan.job}: {describe(session)} on {session.host.spec}, launched {launched}.",

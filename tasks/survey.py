@@ -23,7 +23,7 @@ from .scripts import SESSION_VAR, sh
 # Starts a section line in a payload's output. The random part is new in every fab process, so
 # nothing a rank prints (logs, error files, command lines) can start a section or forge a record.
 SEP = "\x1e" + secrets.token_hex(8)
-TAIL_LINES = 5
+TAIL_LINES = 5  # at least 5: a torchrun node log's last 5 lines name a signalled worker (failures.worker_exit)
 
 
 @dataclass

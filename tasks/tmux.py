@@ -3,6 +3,7 @@
 Sessions are tagged with user options (`@fablaunch_job` and friends) when they are created, in the
 same tmux call, so later commands find exactly this project's sessions by tag and never match a
 user's own session by name. Targets use `=NAME:` because a bare `-t NAME` prefix-matches.
+A host's sessions start in as few tmux calls as tmux's limit on one command allows (`calls`).
 """
 
 from __future__ import annotations
@@ -117,55 +118,57 @@ def calls(plan: Plan, sessions: list[Session]) -> list[list[str]]:
     With more than one call, the first starts with the placeholder of `hold_session`. Raises
     UsageError when one session alone does not fit (see `check_fits`).
     """
-    items = []
-    for session in sessions:
-        text, size = session_commands(plan, session)
-        if size > CALL_BUDGET:
-            raise _too_long(plan, session, size)
-        items.append((text, size))
+    items = [session_commands(plan, s) for s in sessions]
+    _refuse_too_long(plan, sessions, [size for _, size in items])
     packed = _pack(items)
     return packed if len(packed) <= 1 else _pack([hold_session(plan), *items])
 
 
-def _too_long(plan: Plan, session: Session, size: int) -> UsageError:
+def _refuse_too_long(plan: Plan, sessions: list[Session], sizes: list[int]) -> None:
+    """Raise UsageError if a session's commands alone exceed one call, naming what would fit."""
+    size, session = max(zip(sizes, sessions, strict=True), key=lambda pair: pair[0])
+    if size <= CALL_BUDGET:
+        return
+    # The longest session sets the room, so the room the message gives fits every session.
     room = _bytes(plan.workdir) - (size - CALL_BUDGET)
     limit = (f"{size} bytes, over the {CALL_BUDGET} one tmux call may take (tmux {TMUX_ARGS_MAX}-byte limit on "
              f"a command's arguments, less a margin, with {HOME_MAX} bytes kept for the remote $HOME)")
     if room <= 0:
-        return UsageError(f"host {session.host.spec}", f"too long for tmux: starting a session there takes {limit}")
-    return UsageError("--workdir", f"path too long for tmux: with this {_bytes(plan.workdir)}-byte working "
-                                   f"directory, starting one session takes {limit}; at most {room} bytes fit")
+        raise UsageError(f"host {session.host.spec}", f"too long for tmux: starting a session there takes {limit}")
+    raise UsageError("--workdir", f"path too long for tmux: with this {_bytes(plan.workdir)}-byte working "
+                                  f"directory, starting one session takes {limit}; at most {room} bytes fit")
 
 
 def check_fits(plan: Plan) -> None:
     """Refuse, before anything starts anywhere, a plan whose sessions tmux could not start."""
-    size, session = max(((session_commands(plan, s)[1], s) for s in plan.sessions), key=lambda pair: pair[0])
-    if size > CALL_BUDGET:  # the longest session, so that the room the message gives fits every one
-        raise _too_long(plan, session, size)
+    sessions = list(plan.sessions)
+    _refuse_too_long(plan, sessions, [session_commands(plan, s)[1] for s in sessions])
 
 
 def new_sessions(plan: Plan, sessions: list[Session]) -> str:
     """Create and tag every session of a host: one tmux call per CALL_BUDGET bytes, all `&&`-chained.
 
-    Runs where `$dir` holds the host's job directory. One call per batch keeps the per-host cost to
-    a few tmux start-ups; the chain stops at the first call that fails and its status is the line's,
-    so a partly started host counts as failed (and is rolled back). With several calls, a placeholder
-    session holds the server up until the last one ran (see `hold_session`). A failure with a `$dir`
-    longer than planned for (a $HOME over HOME_MAX bytes) says so.
+    Runs where `$dir` holds the host's job directory; the result is one shell command (a lone call,
+    else a `{ ...; }` group), so a redirection the caller appends (closing a lock's descriptor for
+    the tmux server) covers every call. Calls are as few as the limit allows: each is a tmux start-up.
+    The chain stops at the first call that fails and the command's status is then non-zero, so a
+    partly started host counts as failed (and is rolled back). With several calls a placeholder
+    session holds the server up until the last one ran (see `hold_session`), and a failure with a
+    `$dir` longer than planned for (a $HOME over HOME_MAX bytes) says so; a lone call that fails
+    for it says "command too long" itself.
     """
     batches = calls(plan, sessions)
     line = " && ".join("tmux " + " ';' ".join(batch) for batch in batches)
+    if len(batches) == 1:
+        return line
     longest = max(dir_bytes_max(s) for s in sessions)
     why = shlex.quote(f"fablaunch: tmux could not start the sessions, and $HOME is longer than the {HOME_MAX} "
                       "bytes the tmux calls leave room for")
-    # Only after a failure: ${#dir} counts bytes in the C locale, set in a function to keep it local.
-    explain = ("fablaunch_dir_fits() { local LC_ALL=C; "
-               f'[ "${{#{DIR_VAR}}}" -le {longest} ]; }}; fablaunch_dir_fits || echo {why} >&2; false')
-    if len(batches) == 1:
-        return f"{line} || {{ {explain}; }}"
     hold = shlex.quote(f"={plan.job}-launching-") + "$$:"
-    return (f"{line}; fablaunch_rc=$?; tmux kill-session -t {hold} 2>/dev/null; "
-            f'[ "$fablaunch_rc" = 0 ] || {{ {explain}; }}')
+    # ${#dir} counts bytes in the C locale, set in a function to keep it local.
+    return (f"{{ {line}; fablaunch_rc=$?; tmux kill-session -t {hold} 2>/dev/null; "
+            f'[ "$fablaunch_rc" = 0 ] || {{ fablaunch_dir_fits() {{ local LC_ALL=C; '
+            f'[ "${{#{DIR_VAR}}}" -le {longest} ]; }}; fablaunch_dir_fits || echo {why} >&2; false; }}; }}')
 
 
 def list_command(job: str | None = None, host: str | None = None) -> str:

@@ -78,29 +78,43 @@ def test_64_ranks_on_one_host_with_the_longest_job_name_and_a_long_workdir_start
     assert sessions(fab.cluster, long_job) == {name: [] for name in fab.cluster.names}
 
 
+def test_a_workdir_too_long_for_tmux_is_refused_before_any_host_is_touched(fab: Fab, job: str) -> None:
+    """Refused when planning (needs launch.make_plan to call tmux.check_fits), not after preflight passed."""
+    fab.write("gpus", "node1", "node2")
+    workdir = "/" + "w" * 20000
+    for flags in ((), ("--no-preflight",), ("--dry-run",)):
+        result = fab("launch-gpus", "--job", job, "--workdir", workdir, *flags, "--", "sleeper.py")
+        assert result.returncode == 2, output(result)[-600:]
+        assert "--workdir: path too long for tmux" in result.stderr and "Traceback" not in result.stderr
+    assert sessions(fab.cluster, job) == {name: [] for name in fab.cluster.names} and not live_pids(job)
+
+
 # --- a torchrun worker killed by a signal -------------------------------------------------------------------
 
 
-def test_a_torchrun_worker_killed_by_sigkill_is_named_with_its_signal(fab: Fab, job: str) -> None:
+@pytest.mark.parametrize(("rank", "node", "host"), [(3, 1, "node2"), (1, 0, "node1")],
+                         ids=["on the second node", "on the rendezvous host"])
+def test_a_torchrun_worker_killed_by_sigkill_is_named_with_its_signal(fab: Fab, job: str, rank: int, node: int,
+                                                                      host: str) -> None:
     """torchrun's agent writes no error file for it: errors and status read the agent's summary in its log."""
     fab.write("hosts", "node1", "node2")
     ok(fab("launch-torchrun", "--job", job, "--port", str(master_port()), "--nproc-per-node", "2", "--",
-           "behave.py", "3=kill", "*=sleep", timeout=300))
+           "behave.py", f"{rank}=kill", "*=sleep", timeout=300))
     try:
-        def node1_ended() -> bool:
+        def agent_ended() -> bool:
             states = json.loads(fab("status", "--json", "--job", job).stdout or "[]")
-            return any(s["node"] == 1 and s["state"] == "failed" for s in states)
+            return any(s["node"] == node and s["state"] == "failed" for s in states)
 
-        wait_until(node1_ended, timeout=240, interval=1)
+        wait_until(agent_ended, timeout=240, interval=1)
         errors = fab("errors", "--job", job)
         assert errors.returncode == 0, output(errors)
         text = output(errors)
-        assert "first: node 1 worker 1 on node2" in text
+        assert f"first: node {node} worker 1 on {host}" in text
         assert "killed by signal 9 (SIGKILL)" in text and "exit 1 (no error file)" in text  # the agent's echo
         first = json.loads(ok(fab("errors", "--job", job, "--json")).stdout)["first"]
-        assert (first["who"], first["host"], first["rank"], first["signal"]) == ("node 1 worker 1", "node2", 3, 9)
+        assert (first["who"], first["host"], first["rank"], first["signal"]) == (f"node {node} worker 1", host, rank, 9)
         status = ok(fab("status", "--job", job))
-        assert "error: node 1 worker 1 on node2: killed by signal 9 (SIGKILL)" in output(status)
+        assert f"error: node {node} worker 1 on {host}: killed by signal 9 (SIGKILL)" in output(status)
     finally:
         ok(fab("stop", "--job", job, timeout=120))
     assert not live_pids(job)

@@ -247,6 +247,15 @@ def test_a_masked_dry_run_script_shows_no_url_password_or_marked_value() -> None
 SECRET_VALUE = "Sup3r s3cret!value-$(nope)"
 
 
+def test_a_masked_dry_run_script_shows_no_url_password_in_the_command() -> None:
+    spec = JobSpec(command=["train.py", "--db", "postgres://app:pgSECRET1@db/x", "--lr", "0.1"])
+    plan = plan_gpus(spec, [parse_host("a", "t")], JOB, "python", "/w")
+    shown = scripts.session_script(plan, plan.sessions[0], LAUNCHED, mask=True)
+    real = scripts.session_script(plan, plan.sessions[0], LAUNCHED)
+    assert "pgSECRET1" not in shown and "postgres://app:*****@db/x" in shown and "--lr 0.1" in shown
+    assert "postgres://app:pgSECRET1@db/x" in real
+
+
 def two_host_plan(mode: str = "gpus") -> Plan:
     spec = JobSpec(command=["train.py", "--token-arg", "plainarg"], env={"HF_TOKEN": SECRET_VALUE, "OTHER": "o-v!"})
     hs = [parse_host("a", "t"), parse_host("u@b:2222", "t")]
@@ -420,7 +429,7 @@ def tmux_commands(line: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("mode", ["gpus", "torchrun"])
-def test_new_sessions_creates_and_tags_every_session_in_one_call(mode: str) -> None:
+def test_new_sessions_creates_and_tags_a_few_sessions_in_one_call(mode: str) -> None:
     plan = two_host_plan(mode)
     for host in plan.hosts:
         sessions = plan.on(host)

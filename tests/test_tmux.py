@@ -162,14 +162,26 @@ def test_a_failing_call_stops_the_chain_and_fails_the_line(tmp_path: Path) -> No
 
 
 def test_a_remote_home_longer_than_planned_for_is_named_when_tmux_fails(tmp_path: Path) -> None:
+    p = plan("/w")
+    line = tmux.new_sessions(p, p.on(HOST))
+    too_long = "/" + "h" * tmux.HOME_MAX + p.sessions[0].dir.removeprefix("~")
+    _, code, stderr = recorded_calls(line, too_long, tmp_path / "fails", fail_on=1)
+    assert code != 0
+    assert f"$HOME is longer than the {tmux.HOME_MAX} bytes" in stderr.splitlines()[-1]
+    _, code, _ = recorded_calls(line, too_long, tmp_path / "runs")
+    assert code == 0  # a long $HOME alone is no failure: only tmux's refusal is
+
+
+def test_a_redirection_the_caller_appends_covers_every_tmux_call(tmp_path: Path) -> None:
+    """The launch payload closes its lock's descriptor for tmux: a server started there would hold it."""
     for ranks in (1, 64):
-        p = plan("/w", ranks)
-        too_long = "/" + "h" * tmux.HOME_MAX + p.sessions[0].dir.removeprefix("~")
-        _, code, stderr = recorded_calls(tmux.new_sessions(p, p.on(HOST)), too_long, tmp_path / str(ranks), fail_on=1)
-        assert code != 0
-        assert f"$HOME is longer than the {tmux.HOME_MAX} bytes" in stderr.splitlines()[-1]
-        _, code, _ = recorded_calls(tmux.new_sessions(p, p.on(HOST)), too_long, tmp_path / f"{ranks}-ok")
-        assert code == 0  # a long $HOME alone is no failure: only tmux's refusal is
+        p = plan("/w" * 100, ranks)
+        line = tmux.new_sessions(p, p.on(HOST))
+        shim = ("tmux() { if { true >&9; } 2>/dev/null; then echo 'fd 9 open' >&2; fi; }\n"
+                f"exec 9>{tmp_path / 'lock'}\ndir=/d\n")
+        result = subprocess.run(["bash", "-c", f"{shim}{line} 9>&-"], capture_output=True, text=True)
+        assert result.returncode == 0 and result.stderr == "", (ranks, result.stderr)
+        assert len(tmux.calls(p, p.on(HOST))) == (1 if ranks == 1 else 6)
 
 
 def test_a_workdir_too_long_for_one_session_is_refused_naming_the_limit() -> None:
@@ -186,6 +198,14 @@ def test_a_workdir_too_long_for_one_session_is_refused_naming_the_limit() -> Non
         tmux.check_fits(too_long)
     with pytest.raises(UsageError, match="--workdir: path too long for tmux"):
         tmux.new_sessions(too_long, too_long.on(HOST))
+
+
+def test_a_host_name_too_long_for_any_session_is_refused_by_name() -> None:
+    host = parse_host("h" * 16000, "t")
+    huge = plan_gpus(JobSpec(command=["x.py"]), [host], "j", "/py", "/w")
+    with pytest.raises(UsageError) as refused:
+        tmux.check_fits(huge)
+    assert refused.value.where == f"host {host.spec}" and refused.value.problem.startswith("too long for tmux")
 
 
 def test_a_few_ranks_with_a_short_name_still_take_one_call() -> None:
