@@ -87,8 +87,9 @@ def take_survey(ex: Executor, hosts: list[Host], job: str | None) -> Survey:
             states += survey.parse(host, outcome.stdout)
             continue
         unreachable[host.spec] = outcome.why()
-        for rec in [records.load(job)] if job is not None else records.load_all():
-            for s in (rec or {}).get("sessions", []):
+        recs = [r for r in [records.load(job)] if r] if job is not None else records.load_all()
+        for rec in recs:
+            for s in rec.get("sessions", []):
                 if s["host"] == host.spec:
                     states.append(SessionState(rec["job"], rec["mode"], host.spec, s["session"],
                                                s["rank"] if rec["mode"] == "gpus" else None, s["node"], "unknown",
@@ -136,8 +137,8 @@ def job_table(job: str, states: list[SessionState]) -> Any:
     table = Table(title=ui.literal(f"job {job} ({mode})"), title_justify="left")
     for column in ("host", "session", "rank" if mode == "gpus" else "node", "state", "exit", "pid", "run time",
                    "last log line"):
-        last = column == "last log line"
-        table.add_column(column, no_wrap=True, overflow="ellipsis", min_width=20 if last else None)
+        table.add_column(column, no_wrap=True, overflow="ellipsis",
+                         min_width=20 if column == "last log line" else None)
     for s in states:
         last = f"{s.last_line[:120]}  ({_age(s.log_age)} ago)" if s.last_line else ""
         cells = (s.host, s.session, s.rank if mode == "gpus" else s.node, shown_state(s), describe_end(s),
@@ -361,7 +362,8 @@ def attach(c, rank=None, host=None, job=None, hosts=None, gpus=None):
 def stop_job(ex: Executor, hosts: list[Host], job: str | None, grace: float) -> tuple[list[tuple[Any, ...]], int]:
     """Stop a job (or all jobs) on every host; return table rows and how many hosts are not clean."""
     outcomes = ex.run({h: (REMOTE_SHELL, kill_payload(job, h, grace)) for h in hosts})
-    rows, bad = [], 0
+    rows: list[tuple[Any, ...]] = []
+    bad = 0
     for host in hosts:
         o = outcomes[host.spec]
         fields = dict(f.split("=", 1) for f in o.stdout.split() if "=" in f) if o.ok else {}
@@ -449,7 +451,8 @@ def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None, all_=Fal
                          f"{records.RECORDS_DIR}): name one with --job, or stop every job on the hosts with --all")
     if job is None:
         ui.say(f"Stopping the jobs launched from this directory: {', '.join(names)}")
-    rows, bad = [], 0
+    rows: list[tuple[Any, ...]] = []
+    bad = 0
     with Executor(c.config, parallel_flag(parallel), deadline=grace_s + 20) as ex:
         for name in names:
             with after_launch(name):

@@ -193,7 +193,7 @@ def _option(path: str, loader: Any, key: str, node: Any) -> Any:
         raise UsageError(where, f"write a plain decimal number: YAML reads {node.value} as {value}")
     if key == "command":  # a string, split like a shell would
         try:
-            return shlex.split(value)
+            return shlex.split(str(value))
         except ValueError as exc:
             raise UsageError(where, f"cannot split into arguments: {exc}") from None
     return str(value) if key == "nproc_per_node" else value

@@ -6,6 +6,8 @@ tests/test_faults_deadlines.py cover the same code over SSH.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 
 from tasks.executor import REMOTE_SHELL, Executor, hold_line
 from tasks.hostfile import parse_host
+from tests.cluster import silent_listener
 
 LOCAL = parse_host("localhost", "test")
 
@@ -163,3 +166,31 @@ def test_the_started_line_never_shows_in_output() -> None:
         held = ex.hold({LOCAL: (REMOTE_SHELL, f"echo first\n{hold_line(0)}\n")})
         (rest,) = ex.release(held, {"localhost": "echo second\n"}).values()
     assert out.stdout == "no newline" and held["localhost"].outcome.stdout == "first\n" and rest.stdout == "second\n"
+
+
+def test_a_dropped_handshake_is_retried_within_the_connect_deadline_and_a_silent_one_is_not() -> None:
+    """A busy sshd (MaxStartups) closes the connection at once: worth retrying, within the deadline.
+    A hung one accepts and says nothing: one connect deadline, then give up (was 15 s x 4 tries)."""
+    config = fabric.Config()
+    config.connect_kwargs.timeout = 1  # `fab -t 1`
+    with socket.create_server(("127.0.0.35", 0)) as dropper, Executor(config, 2, deadline=30) as ex:
+        tries: list[float] = []
+
+        def drop() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    dropper.accept()[0].close()
+                    tries.append(time.monotonic())
+
+        threading.Thread(target=drop, daemon=True).start()
+        start = time.monotonic()
+        dropped = ex.run_one(parse_host(f"root@127.0.0.35:{dropper.getsockname()[1]}", "test"), REMOTE_SHELL, "")
+        assert dropped.error == "unreachable: connection closed before the SSH banner (sshd busy: MaxStartups?)"
+        assert len(tries) >= 2 and time.monotonic() - start < 3
+    with socket.create_server(("127.0.0.36", 0)) as free:
+        port = free.getsockname()[1]
+    with silent_listener("127.0.0.36", port) as accepted, Executor(config, 2, deadline=30) as ex:
+        start = time.monotonic()
+        silent = ex.run_one(parse_host(f"root@127.0.0.36:{port}", "test"), REMOTE_SHELL, "")
+        assert (silent.error, len(accepted)) == ("unreachable: no SSH banner within 1s", 1)
+        assert time.monotonic() - start < 3
