@@ -140,6 +140,8 @@ def _handshake_timeout(exc: BaseException, late: bool) -> bool:
 
     if _banner_timeout(exc):
         return True
+    if "banner" in str(exc).lower():  # closed or reset before the banner: a busy sshd, not a timeout
+        return False
     # Past its deadline, paramiko's key exchange just stops waiting and the next step fails
     # ("No existing session"); authentication says so itself ("Authentication timeout").
     return late and isinstance(exc, paramiko.SSHException) and not isinstance(exc, paramiko.AuthenticationException)
@@ -434,8 +436,9 @@ class Executor:
             self._live.discard(shell)
 
     def cancel(self) -> None:
-        """Cut off every command still in flight (Ctrl-C): a payload that has not yet reached its
-        guard (a write to its stdout) stops there instead of starting sessions after a rollback."""
+        """Cut off every command still in flight (Ctrl-C), before a rollback: each is killed (see
+        `_RemoteShell.kill`); where sshd refuses that, a payload that has not yet reached its guard (a
+        write to its stdout) stops there instead of starting sessions after the rollback."""
         with self._lock:
             live = list(self._live)
         for shell in live:
@@ -481,7 +484,7 @@ class Executor:
             except Exception as exc:
                 transport = conn.client.get_transport()
                 conn.close()
-                if _handshake_timeout(exc, time.monotonic() - tried >= left - 0.1):
+                if _handshake_timeout(exc, time.monotonic() - tried >= left - 0.05):
                     # paramiko's negotiation wait (the TCP timeout) may end before its banner wait does.
                     what = "SSH handshake unfinished" if transport and transport.remote_version else "no SSH banner"
                     raise HostTimeout(f"{what} within {seconds_text(seconds)}") from exc

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -231,25 +231,47 @@ def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure:
     if dry:
         dry_run(plan, attempt.launched)
         return plan
-    try:
-        with records.lock(plan.job), Signals() as signals:
-            try:
-                _start(c, attempt, spec, replace, rollback_on_failure, preflight)
-                path = records.save(records.record(plan, attempt.launched, hostfile, attempt.run))
-                signals.shielded = True  # launched and recorded: a late signal no longer undoes it
-            except Interrupted as exc:
-                signals.shielded = True
-                _roll_back_interrupted(c, attempt, spec, exc.signum)
-    except records.Busy as exc:
-        raise Exit(f"fablaunch: {exc}; nothing was launched", code=1) from None
-    except OSError as exc:  # the project directory: lock and record live in ./.fablaunch
-        raise Exit(f"fablaunch: cannot write {Path.cwd() / '.fablaunch'} ({exc.strerror or exc}): launch from a "
-                   "writable directory (fab -r REPO works from anywhere); nothing was launched", code=1) from None
+    with project_lock(plan.job), Signals() as signals:
+        try:
+            _start(c, attempt, spec, replace, rollback_on_failure, preflight)
+            path = _save_record(plan, attempt, hostfile)
+            signals.shielded = True  # launched and recorded: a late signal no longer undoes it
+        except Interrupted as exc:
+            signals.shielded = True
+            _roll_back_interrupted(c, attempt, spec, exc.signum)
     attempt.note("started")
     _results_table(f"Launched {plan.job}: {len(plan.sessions)} sessions on {len(plan.hosts)} hosts", plan,
                    attempt.outcomes)
     ui.say(f"Logs: {plan.sessions[0].dir.rsplit('/', 1)[0]}/<host>/ on each host; record: {path}")
     return plan
+
+
+@contextlib.contextmanager
+def project_lock(job: str) -> Iterator[None]:
+    """This project's lock on a job for a whole launch; exit 1 at once if it is held or cannot be made.
+
+    The lock and the launch record live in ./.fablaunch: a directory where they cannot be written
+    (read-only, full) would launch a job that no later command here could find, so nothing starts.
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(records.lock(job))
+        except records.Busy as exc:
+            raise Exit(f"fablaunch: {exc}; nothing was launched", code=1) from None
+        except OSError as exc:
+            raise Exit(f"fablaunch: cannot write {Path.cwd() / '.fablaunch'} ({exc.strerror or exc}): launch from "
+                       "a writable directory (fab -r REPO works from anywhere); nothing was launched", code=1) from None
+        yield
+
+
+def _save_record(plan: Plan, attempt: Attempt, hostfile: str) -> Path | str:
+    """Keep the launch record; the job runs either way, so a failure to write it is said, not fatal."""
+    try:
+        return records.save(records.record(plan, attempt.launched, hostfile, attempt.run))
+    except OSError as exc:
+        ui.say(f"Warning: the launch record could not be written ({exc.strerror or exc}); the job runs, but "
+               f"status and stop here need --gpus/--hosts to find it.", "yellow", stderr=True)
+        return "not written"
 
 
 def _roll_back_interrupted(c: Any, attempt: Attempt, spec: JobSpec, signum: int) -> None:
@@ -284,7 +306,7 @@ def _start(c: Any, attempt: Attempt, spec: JobSpec, replace: bool, rollback_on_f
             if held:  # the shells that ran the checks run the launch too: one remote shell per host
                 outcomes |= ex.release({first.spec: held[first.spec]}, payloads, on_done=advance)
             else:
-                outcomes |= ex.run({first: (REMOTE_SHELL, payloads[first.spec])}, on_done=advance)
+                outcomes |= ex.run({first: (REMOTE_SHELL, payloads[first.spec])}, on_done=advance, patient=True)
             if outcomes[first.spec].exit_code == EXISTS_CODE:
                 if held:
                     ex.release({h.spec: held[h.spec] for h in rest}, {})  # end the waiting shells unused
@@ -294,13 +316,16 @@ def _start(c: Any, attempt: Attempt, spec: JobSpec, replace: bool, rollback_on_f
             if held:
                 outcomes |= ex.release({h.spec: held[h.spec] for h in rest}, payloads, on_done=advance)
             else:
-                outcomes |= ex.run({h: (REMOTE_SHELL, payloads[h.spec]) for h in rest}, on_done=advance)
+                outcomes |= ex.run({h: (REMOTE_SHELL, payloads[h.spec]) for h in rest}, on_done=advance,
+                                   patient=True)
         failed = [h for h in plan.hosts if not outcomes[h.spec].ok]
         if not failed:
             return
         note = {}
         if rollback_on_failure:
-            undone = rollback(ex, plan, [h for h in plan.hosts if outcomes[h.spec].reached], attempt.run)
+            # A host cut off mid-payload (a deadline) may have started sessions before it was cut.
+            touched = [h for h in plan.hosts if outcomes[h.spec].reached or outcomes[h.spec].started]
+            undone = rollback(ex, plan, touched, attempt.run)
             note = {host: "rolled back" if o.ok else f"rollback failed: {o.why()}"
                     for host, o in undone.items() if outcomes[host].ok}
         _results_table(f"Launch of {plan.job} failed", plan, outcomes, note)

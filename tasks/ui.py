@@ -35,9 +35,15 @@ def progress(description: str, total: int) -> Iterator[Any]:
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console(stderr=True), transient=True)
-    with bar:
+    with suppress(OSError, ValueError):
+        bar.start()
+    try:
         task = bar.add_task(description, total=total)
         yield lambda *_: bar.advance(task)
+    finally:
+        # A terminal gone (SIGHUP) must not turn the signal being handled into an OSError here.
+        with suppress(OSError, ValueError):
+            bar.stop()
 
 
 def literal(value: object, style: str = "") -> Any:

@@ -172,6 +172,21 @@ def test_a_launch_with_a_stuck_host_leaves_nothing_running_anywhere(fab: Fab, cl
     assert_stuck_command_ended(cluster, before, job)
 
 
+def test_following_logs_is_patient_the_stuck_host_is_cut_and_the_others_stream_to_the_end(
+        fab: Fab, cluster: Cluster, job: str) -> None:
+    """`logs --follow` runs longer than its deadline on hosts whose shells started; only node2 is cut."""
+    result = fab("launch-gpus", "--job", job, "--gpus", "healthy", "--port", str(master_port()), "--env", "DELAY_0=8",
+                 "--env", "DELAY_1=8", "--", "behave.py", "*=exit:0")
+    assert result.returncode == 0, output(result)
+    before = refusals(cluster)
+    result, _ = timed(fab, "-T", "2", "logs", "--follow", "--job", job, "--hosts", "hosts")
+    text = output(result)
+    assert "node2: unreachable (timed out after 2s)" in text
+    assert "[node1 rank 0] rank 0 on node1 does exit 0" in text and "[node3 rank 1] rank 1 on node3 does exit 0" in text
+    assert live_pids(job) == []  # it followed until the ranks ended (8 s), well past its 2 s deadline
+    assert_stuck_command_ended(cluster, before)
+
+
 def test_a_host_that_never_sends_a_banner_costs_the_connect_deadline_once(fab: Fab) -> None:
     fab.write("silent", "node1", f"root@{SILENT}:{SSH_PORT}")
     with silent_listener(SILENT, SSH_PORT) as accepted:
