@@ -113,12 +113,7 @@ def fab(cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest) -> Ite
     Afterwards every process a test's jobs left behind is killed, so one failing test cannot leak
     processes or sessions into the next.
     """
-    prefix = job_name(request, "")
-    # Job files outlive jobs by design; a rerun on the same machine must not see the last run's files.
-    for old in JOBS.glob(f"{prefix}*"):
-        shutil.rmtree(old, ignore_errors=True)
-    for payload in PAYLOADS.glob("*.py"):
-        shutil.copy(payload, tmp_path)
+    prefix = fresh_workdir(request, tmp_path)
     runner = Fab(cluster, tmp_path)
     yield runner
     for environ in Path("/proc").glob("[0-9]*/environ"):
@@ -133,6 +128,29 @@ def fab(cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest) -> Ite
         for line in cluster.tmux(name, "ls", "-F", "#{session_name}").stdout.split():
             if line.startswith(prefix):
                 cluster.tmux(name, "kill-session", "-t", f"={line}:")
+
+
+def fresh_workdir(request: pytest.FixtureRequest, path: Path) -> str:
+    """Fill a test's working directory with the payloads and forget an earlier run's job files.
+
+    Job files outlive jobs by design; a rerun on the same machine must not see the last run's files.
+    Returns the prefix of the test's job names.
+    """
+    prefix = job_name(request, "")
+    for old in JOBS.glob(f"{prefix}*"):
+        shutil.rmtree(old, ignore_errors=True)
+    for payload in PAYLOADS.glob("*.py"):
+        shutil.copy(payload, path)
+    return prefix
+
+
+def slow_path(root: Path, command: str, seconds: float) -> str:
+    """A PATH on which `command` sleeps `seconds` before running: a host that is slow at one step."""
+    slow = root / "slowbin"
+    slow.mkdir(exist_ok=True)
+    (slow / command).write_text(f"#!/bin/sh\nsleep {seconds:g}\nexec /usr/bin/{command} \"$@\"\n")
+    (slow / command).chmod(0o755)
+    return f"{slow}:{os.environ['PATH']}"
 
 
 def job_name(request: pytest.FixtureRequest, suffix: str = "") -> str:

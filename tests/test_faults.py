@@ -31,6 +31,7 @@ from tests.conftest import (
     live_pids,
     master_port,
     sessions,
+    slow_path,
     wait_until,
 )
 
@@ -128,13 +129,8 @@ def test_a_rank_whose_tmux_server_died_runs_detached_and_blocks_a_second_copy(fa
 def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Two hosts; node2 writes its job files slowly (its `base64` sleeps 5 s first)."""
     root = tmp_path_factory.mktemp("faults")
-    slowbin = root / "slowbin"
-    slowbin.mkdir()
-    (slowbin / "base64").write_text("#!/bin/sh\nsleep 5\nexec /usr/bin/base64 \"$@\"\n")
-    (slowbin / "base64").chmod(0o755)
-    path = os.environ["PATH"]
-    with Cluster(root / "c", 2, port=SSH_PORT + 6, base=141, env={"PATH": path},
-                 host_env={"node2": {"PATH": f"{slowbin}:{path}"}}) as cluster:
+    with Cluster(root / "c", 2, port=SSH_PORT + 6, base=141, env={"PATH": os.environ["PATH"]},
+                 host_env={"node2": {"PATH": slow_path(root, "base64", 5)}}) as cluster:
         yield cluster
 
 
@@ -300,7 +296,7 @@ def test_a_read_only_working_directory_is_refused_before_anything_starts(fab: Fa
                      "sleep", "60")
         assert result.returncode == 1 and f"workdir: {readonly} is not writable" in result.stdout, result.stdout
         # As the directory fab runs in: its launch record cannot be kept, so nothing is launched.
-        here = fab("-r", str(REPO), "launch-gpus", "--job", job, "--gpus", str(fab.cwd / "gpus"), "--workdir",
+        here = fab("launch-gpus", "--job", job, "--gpus", str(fab.cwd / "gpus"), "--workdir",
                    str(fab.cwd), "--port", str(master_port()), "--", "sleep", "60", cwd=readonly)
         assert here.returncode == 1 and "cannot write" in here.stderr and "Traceback" not in here.stderr, here.stderr
     assert sessions(fab.cluster, job) == {"node1": [], "node2": [], "node3": []}

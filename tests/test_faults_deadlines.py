@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -30,11 +29,10 @@ from tests.cluster import Cluster, silent_listener
 from tests.conftest import (
     FAB,
     JOBS,
-    PAYLOADS,
     REPO,
     SSH_PORT,
     Fab,
-    job_name,
+    fresh_workdir,
     live_pids,
     master_port,
     sessions,
@@ -62,11 +60,7 @@ def fab(cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest) -> Ite
     Afterwards the test's jobs are killed, and any stuck shell left is let go and waited for, so one
     failing test cannot leave work for the next.
     """
-    prefix = job_name(request, "")
-    for old in JOBS.glob(f"{prefix}*"):
-        shutil.rmtree(old, ignore_errors=True)
-    for payload in PAYLOADS.glob("*.py"):
-        shutil.copy(payload, tmp_path)
+    prefix = fresh_workdir(request, tmp_path)
     runner = Fab(cluster, tmp_path)
     runner.write("hosts", *cluster.names)
     runner.write("healthy", "node1", "node3")

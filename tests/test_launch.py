@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.cluster import Cluster
-from tests.conftest import FAB, JOBS, REPO, SSH_PORT, Fab, live_pids, master_port, sessions, wait_until
+from tests.conftest import FAB, JOBS, REPO, SSH_PORT, Fab, live_pids, master_port, sessions, slow_path, wait_until
 
 NASTY = ["a b", "'", '"', "$HOME", "`id`", "$(id)", "a;b", "x|y", "&&", "\\", "line\nbreak", "tab\there", "é",
          "日本語", "🚀", "-", "--flag=--", "", "*", "~", "#no comment", "%s", "{a,b}"]
@@ -260,13 +260,8 @@ def test_ctrl_c_during_the_launch_rolls_back_and_a_slow_host_starts_nothing_late
         tmp_path_factory: pytest.TempPathFactory, job: str) -> None:
     """node2 writes its files slowly (its `base64` sleeps first): Ctrl-C arrives after node1 started."""
     root = tmp_path_factory.mktemp("slow")
-    slow = root / "slowbin"
-    slow.mkdir()
-    (slow / "base64").write_text("#!/bin/sh\nsleep 6\nexec /usr/bin/base64 \"$@\"\n")
-    (slow / "base64").chmod(0o755)
-    path = os.environ["PATH"]
-    with Cluster(root / "c", 2, port=SSH_PORT + 4, base=131, env={"PATH": path},
-                 host_env={"node2": {"PATH": f"{slow}:{path}"}}) as two:
+    with Cluster(root / "c", 2, port=SSH_PORT + 4, base=131, env={"PATH": os.environ["PATH"]},
+                 host_env={"node2": {"PATH": slow_path(root, "base64", 6)}}) as two:
         work = root / "w"
         work.mkdir()
         (work / "gpus").write_text("node1\nnode2\n")
