@@ -314,3 +314,11 @@ def test_a_read_only_home_on_one_host_fails_preflight_everywhere(tmp_path: Path,
         assert "home: cannot write ~/.fablaunch/jobs" in result.stdout
         assert sessions(cluster, job) == {"node1": [], "node2": []}
     assert not live_pids(job)
+
+
+def test_waiting_on_a_job_that_is_not_there_is_an_immediate_clear_error(fab: Fab, job: str) -> None:
+    fab.write("gpus", "node1", "node2")
+    for flags in ((), ("--timeout", "600")):  # the subprocess timeout is the hang guard: it must not wait
+        result = fab("wait", "--job", f"{job}-NO-SUCH-JOB", *flags, timeout=60)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"no job {job}-NO-SUCH-JOB on the hosts" in result.stderr and "Traceback" not in result.stderr
