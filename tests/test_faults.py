@@ -322,3 +322,14 @@ def test_waiting_on_a_job_that_is_not_there_is_an_immediate_clear_error(fab: Fab
         result = fab("wait", "--job", f"{job}-NO-SUCH-JOB", *flags, timeout=60)
         assert result.returncode == 2, result.stdout + result.stderr
         assert f"no job {job}-NO-SUCH-JOB on the hosts" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_host_specs_of_one_machine_count_each_session_once(fab: Fab, job: str) -> None:
+    fab.write("gpus", "node1", "root@node1", "node1", "root@node1")  # one tmux server, two host specs
+    ok(fab("launch-gpus", "--job", job, "--port", str(master_port()), "--", "sleeper.py"))
+    assert len(sessions(fab.cluster, job)["node1"]) == 4
+    states = status_json(fab, job)
+    assert sorted((s["host"], s["rank"], s["state"]) for s in states) == [
+        ("node1", 0, "running"), ("node1", 2, "running"), ("root@node1", 1, "running"), ("root@node1", 3, "running")]
+    ok(fab("stop", "--job", job, "--grace", "1"))
+    assert not live_pids(job) and not sessions(fab.cluster, job)["node1"]
