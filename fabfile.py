@@ -1,3 +1,4 @@
-"""Fabric entry point: `fab -l` lists fablaunch's tasks (they live in the `tasks` package)."""
+"""Fabric entry point: `fab -l` lists fablaunch's tasks (the `tasks/` collection, installed as
+`fablaunch.tasks`)."""
 
-from tasks import ns  # noqa: F401
+from fablaunch.tasks import ns  # noqa: F401

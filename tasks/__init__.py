@@ -1,4 +1,4 @@
-"""fablaunch: launch and manage multi-node PyTorch jobs in tmux over SSH, as Fabric tasks."""
+"""fablaunch's Fabric/Invoke task collection (installed as `fablaunch.tasks`): flags, help and printing."""
 
 from invoke import Collection
 
@@ -7,7 +7,5 @@ from .dump import dump_
 from .jobs import attach, errors_, logs, status, stop, wait
 from .launch import launch_gpus, launch_torchrun
 from .top import top_
-
-__version__ = "0.1.0"
 
 ns = Collection(launch_gpus, launch_torchrun, status, logs, attach, stop, wait, errors_, top_, dump_, doctor_)

@@ -7,6 +7,8 @@ instead, so this executor only has to keep Fabric from acting on the remainder i
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import fabric
@@ -27,7 +29,15 @@ def main() -> None:
     """Run the fablaunch tasks from any directory, as `fab` would from this repository."""
     from fabric.main import Fab
 
-    from . import __version__, ns
+    from fablaunch import __version__
 
-    Fab(name="fablaunch", version=__version__, namespace=ns, executor_class=Executor,
-        config_class=fabric.Config).run()
+    from . import ns
+
+    try:
+        Fab(name="fablaunch", version=__version__, namespace=ns, executor_class=Executor,
+            config_class=fabric.Config).run()
+    except BrokenPipeError:
+        # A reader that stopped early (`fablaunch -l | head`) is no error worth a traceback; stdout goes
+        # to /dev/null so that Python's own flush at exit does not fail on it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

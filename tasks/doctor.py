@@ -26,15 +26,16 @@ from typing import Any
 
 from invoke import Exit, task
 
-from . import ui
-from .errors import UsageError
-from .executor import REMOTE_SHELL, Executor, Outcome
+from fablaunch import ui
+from fablaunch.errors import UsageError
+from fablaunch.executor import REMOTE_SHELL, Executor, Outcome
+from fablaunch.hostfile import Host
+from fablaunch.plan import Plan
+from fablaunch.scripts import job_exists, port_in_use, python_found, sh
+from fablaunch.spec import DEFAULT_PORT, JobSpec, build_spec, default_python, read_spec
+
 from .flags import int_flag, parallel_flag, usage_errors
-from .hostfile import Host
 from .launch import make_plan
-from .plan import Plan
-from .scripts import job_exists, port_in_use, python_found, sh
-from .spec import DEFAULT_PORT, JobSpec, build_spec, default_python, read_spec
 
 # Columns of the table and keys of --json, in this order.
 CHECKS = ("ssh", "tmux", "workdir", "python", "torch", "cuda", "nccl", "gpus", "port", "tcp", "clock", "nofile",

@@ -24,13 +24,14 @@ from typing import Any
 
 from invoke import Exit, task
 
-from . import ui
-from .executor import REMOTE_SHELL, Executor
+from fablaunch import ui
+from fablaunch.executor import REMOTE_SHELL, Executor
+from fablaunch.hostfile import Host
+from fablaunch.scripts import sh, tagged_pids
+from fablaunch.survey import SEP, as_int, sections
+
 from .flags import int_flag, parallel_flag, usage_errors
-from .hostfile import Host
 from .jobs import TARGET_HELP, latest_job, targets
-from .scripts import sh, tagged_pids
-from .survey import SEP, as_int, sections
 
 SPY_TIMEOUT = 60  # seconds per process; a process in uninterruptible sleep can stall py-spy
 INSTALL_HINT = "install it there with `pip install py-spy` (into the job's environment or anywhere on the PATH)"

@@ -14,8 +14,8 @@ from typing import Any
 
 from invoke import Exit
 
-from .errors import UsageError
-from .spec import DEFAULT_PARALLEL, MAX_PARALLEL
+from fablaunch.errors import UsageError
+from fablaunch.spec import DEFAULT_PARALLEL, MAX_PARALLEL
 
 # Longest wait any seconds flag accepts: one week. Beyond it a typo (or `inf`, `1e300`) is far likelier
 # than intent, and an unbounded value overflows the shell's integer arithmetic on the hosts.

@@ -18,14 +18,15 @@ from typing import Any
 
 from invoke import Exit, task
 
-from . import failures, records, survey, ui
-from .errors import UsageError
-from .executor import REMOTE_SHELL, Executor, Outcome
+from fablaunch import failures, records, survey, ui
+from fablaunch.errors import UsageError
+from fablaunch.executor import REMOTE_SHELL, Executor, Outcome
+from fablaunch.hostfile import Host, parse_host, read_gpus, read_hosts
+from fablaunch.scripts import kill_payload, sh
+from fablaunch.spec import DEFAULT_PARALLEL, check_job_name
+from fablaunch.survey import SessionState
+
 from .flags import int_flag, parallel_flag, seconds_flag, usage_errors
-from .hostfile import Host, parse_host, read_gpus, read_hosts
-from .scripts import kill_payload, sh
-from .spec import DEFAULT_PARALLEL, check_job_name
-from .survey import SessionState
 
 TARGET_HELP = {
     "job": "Job name (default: every job of this project found on the hosts).",
@@ -238,7 +239,7 @@ def logs_payload(states: list[SessionState], lines: int, follow: bool, job: str)
                  f"    tail -n {lines} -F \"$f\" 2>/dev/null > >(emit {sh(key)}\"${{f#{sh(prefix)}}}\") &",
                  "    pids=\"$pids $!\"",
                  "  done"]
-    from .tmux import list_command
+    from fablaunch.tmux import list_command
 
     body += [f"  {list_command(job)} | grep -q . || {{ sleep 1; exit 0; }}",
              f"  printf '{survey.SEP}\\n' || exit 0", "  sleep 1", "done"]

@@ -19,14 +19,23 @@ from typing import Any
 
 from invoke import Exit, task
 
-from . import records, tmux, ui
-from .errors import UsageError
-from .executor import REMOTE_SHELL, Executor, Held, Outcome
+from fablaunch import records, tmux, ui
+from fablaunch.errors import UsageError
+from fablaunch.executor import REMOTE_SHELL, Executor, Held, Outcome
+from fablaunch.hostfile import Host, read_gpus, read_hosts
+from fablaunch.plan import Plan, plan_gpus, plan_torchrun
+from fablaunch.scripts import EXISTS_CODE, kill_payload, launch_payload, preflight_payload, session_script
+from fablaunch.spec import (
+    JobSpec,
+    build_spec,
+    check_job_name,
+    default_job_name,
+    default_python,
+    default_workdir,
+    parse_env,
+)
+
 from .flags import int_flag, usage_error
-from .hostfile import Host, read_gpus, read_hosts
-from .plan import Plan, plan_gpus, plan_torchrun
-from .scripts import EXISTS_CODE, kill_payload, launch_payload, preflight_payload, session_script
-from .spec import JobSpec, build_spec, check_job_name, default_job_name, default_python, default_workdir, parse_env
 
 COMMON_HELP = {
     "job": "Job name (default: the spec's name, else the script's name plus a timestamp).",

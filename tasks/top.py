@@ -19,15 +19,16 @@ from typing import Any
 
 from invoke import Exit, task
 
-from . import survey, ui
-from .errors import UsageError
-from .executor import REMOTE_SHELL, Executor, Outcome
+from fablaunch import survey, ui
+from fablaunch.errors import UsageError
+from fablaunch.executor import REMOTE_SHELL, Executor, Outcome
+from fablaunch.hostfile import Host
+from fablaunch.plan import JOBS_DIR, RemotePath
+from fablaunch.scripts import sh
+from fablaunch.survey import SessionState
+
 from .flags import parallel_flag, seconds_flag, usage_errors
-from .hostfile import Host
 from .jobs import TARGET_HELP, targets
-from .plan import JOBS_DIR, RemotePath
-from .scripts import sh
-from .survey import SessionState
 
 SEP = survey.SEP
 GPU_FIELDS = ("index", "uuid", "utilization.gpu", "power.draw", "power.limit", "memory.used", "memory.total")

@@ -13,14 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+from fablaunch.tasks import doctor
+from fablaunch.tasks.doctor import CHECKS, Check
 
-from tasks import doctor, scripts
-from tasks.doctor import CHECKS, Check
-from tasks.errors import UsageError
-from tasks.executor import Outcome
-from tasks.hostfile import parse_host
-from tasks.plan import plan_gpus
-from tasks.spec import JobSpec
+from fablaunch import scripts
+from fablaunch.errors import UsageError
+from fablaunch.executor import Outcome
+from fablaunch.hostfile import parse_host
+from fablaunch.plan import plan_gpus
+from fablaunch.spec import JobSpec
 
 HEALTHY = {
     "tmux": "tmux 3.3a", "workdir": "ok", "disk_kb": str(200 * 2**20), "nofile": "65536",

@@ -15,8 +15,8 @@ from pathlib import Path
 import fabric
 import pytest
 
-from tasks.executor import REMOTE_SHELL, Executor, hold_line
-from tasks.hostfile import parse_host
+from fablaunch.executor import REMOTE_SHELL, Executor, hold_line
+from fablaunch.hostfile import parse_host
 from tests.cluster import silent_listener
 
 LOCAL = parse_host("localhost", "test")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from fablaunch.tasks.flags import MAX_SECONDS, int_flag, parallel_flag, seconds_flag, usage_errors
 from invoke import Exit
 
-from tasks.errors import UsageError
-from tasks.flags import MAX_SECONDS, int_flag, parallel_flag, seconds_flag, usage_errors
-from tasks.spec import DEFAULT_PARALLEL, MAX_PARALLEL
+from fablaunch.errors import UsageError
+from fablaunch.spec import DEFAULT_PARALLEL, MAX_PARALLEL
 
 # Python's int() and float() accept every one of these; a user never means them, and the tools on
 # the hosts (ssh, tail, bash arithmetic) would not read them the same way.

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.errors import UsageError
-from tasks.hostfile import MAX_SLOTS, Host, parse_host, read_gpus, read_hosts
+from fablaunch.errors import UsageError
+from fablaunch.hostfile import MAX_SLOTS, Host, parse_host, read_gpus, read_hosts
 
 
 def write(tmp_path: Path, text: str, name: str = "hosts") -> Path:

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.errors import UsageError
-from tasks.hostfile import Host, parse_host
-from tasks.plan import JOBS_DIR, RANK_ENV, TAG_VAR, Plan, RemotePath, plan_gpus, plan_torchrun, reserved_env
-from tasks.spec import JobSpec
+from fablaunch.errors import UsageError
+from fablaunch.hostfile import Host, parse_host
+from fablaunch.plan import JOBS_DIR, RANK_ENV, TAG_VAR, Plan, RemotePath, plan_gpus, plan_torchrun, reserved_env
+from fablaunch.spec import JobSpec
 
 JOB = "bert-1"
 PYTHON = "/opt/venv/bin/python"

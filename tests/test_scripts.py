@@ -19,10 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks import scripts, tmux
-from tasks.hostfile import parse_host
-from tasks.plan import TAG_VAR, Plan, RemotePath, Session, plan_gpus, plan_torchrun, tag
-from tasks.spec import JobSpec
+from fablaunch import scripts, tmux
+from fablaunch.hostfile import parse_host
+from fablaunch.plan import TAG_VAR, Plan, RemotePath, Session, plan_gpus, plan_torchrun, tag
+from fablaunch.spec import JobSpec
 
 JOB = "rt-job"
 LAUNCHED = "2026-11-24T11:30:00+00:00"

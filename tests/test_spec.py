@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.errors import UsageError
-from tasks.hostfile import MAX_SLOTS
-from tasks.spec import (
+from fablaunch.errors import UsageError
+from fablaunch.hostfile import MAX_SLOTS
+from fablaunch.spec import (
     DEFAULT_PARALLEL,
     DEFAULT_PORT,
     MAX_PARALLEL,

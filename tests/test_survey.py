@@ -11,8 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from tasks import survey
-from tasks.hostfile import parse_host
+from fablaunch import survey
+from fablaunch.hostfile import parse_host
 
 HOST = parse_host("node1", "test")
 ERROR = {"message": {"message": "ValueError: boom",
@@ -116,8 +116,8 @@ def test_a_log_that_prints_section_lines_and_forged_records_changes_no_state(tmp
 
 
 def test_the_section_boundary_is_random_per_process() -> None:
-    other = subprocess.run(["python3", "-c", "from tasks import survey; print(survey.SEP[1:])"], capture_output=True,
-                           text=True, check=True, cwd=Path(__file__).parents[1]).stdout.strip()
+    code = "from fablaunch import survey; print(survey.SEP[1:])"
+    other = subprocess.run(["python3", "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert survey.SEP.startswith("\x1e") and len(survey.SEP) > 8 and other != survey.SEP[1:]
 
 

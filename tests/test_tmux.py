@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tmux
-from tasks.errors import UsageError
-from tasks.hostfile import parse_host
-from tasks.plan import Plan, plan_gpus, plan_torchrun
-from tasks.spec import JobSpec
+from fablaunch import tmux
+from fablaunch.errors import UsageError
+from fablaunch.hostfile import parse_host
+from fablaunch.plan import Plan, plan_gpus, plan_torchrun
+from fablaunch.spec import JobSpec
 
 JOB = "j" * 63 + "x"  # the longest job name there is: 64 characters
 HOST = parse_host("node1", "t")

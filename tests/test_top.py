@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fablaunch.tasks import top
 
-from tasks import top
-from tasks.hostfile import parse_host
-from tasks.survey import SessionState
+from fablaunch.hostfile import parse_host
+from fablaunch.survey import SessionState
 from tests.cluster import Cluster, port_open
 from tests.conftest import FAB, JOBS, PAYLOADS, REPO, SSH_PORT, Fab, master_port, wait_until
 

@@ -1,0 +1,12 @@
+"""fablaunch: launch and manage multi-node PyTorch jobs in tmux over SSH.
+
+The engine (host files, specs, plans, the scripts that run on hosts, the executor, surveys); the
+Fabric/Invoke task collection built on it is `fablaunch.tasks` (the repository's `tasks/`).
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("fablaunch")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
