@@ -1,8 +1,10 @@
-"""A tiny real DDP training loop for trying fablaunch: no downloads, gloo on CPU, nccl on GPUs.
+"""A tiny real DDP training loop for trying fablaunch: no downloads, nccl on GPUs, else gloo on CPU.
 
-It reads the torchrun environment contract (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...) that
-`fab launch-gpus` sets by hand and `fab launch-torchrun` gets from torchrun, and `@record` writes
-a failing rank's traceback to its own TORCHELASTIC_ERROR_FILE.
+It reads the torchrun environment contract (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+MASTER_ADDR, ...) that `fab launch-gpus` sets by hand and `fab launch-torchrun` gets from torchrun,
+and `@record` writes a failing rank's traceback to its own TORCHELASTIC_ERROR_FILE. It uses nccl
+only when every local rank has a GPU of its own (LOCAL_WORLD_SIZE <= GPU count), otherwise gloo on
+CPU (two ranks on a one-GPU or GPU-less machine), and each rank prints which and why.
 
     fab launch-gpus --job demo -- examples/train_ddp.py --steps 20
 """
@@ -28,20 +30,36 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def choose_device(local_rank: int, local_world_size: int, gpu_count: int) -> tuple[str, str, str]:
+    """(device, backend, reason): `cuda:<local_rank>` with nccl when every local rank has a GPU of its
+    own, else `cpu` with gloo (NCCL ranks may not share a GPU, and `cuda:1` may not exist)."""
+    if not 0 <= local_rank < local_world_size:
+        raise ValueError(f"LOCAL_RANK {local_rank} outside 0..{local_world_size - 1} (LOCAL_WORLD_SIZE)")
+    ranks = _plural(local_world_size, "local rank")
+    if gpu_count <= 0:
+        return "cpu", "gloo", f"no CUDA GPU visible to {ranks}"
+    if local_world_size > gpu_count:
+        return "cpu", "gloo", f"{ranks} but only {_plural(gpu_count, 'GPU')}; NCCL needs a GPU per rank"
+    return f"cuda:{local_rank}", "nccl", f"{ranks} on {_plural(gpu_count, 'GPU')}, one GPU per rank"
+
+
 @record
 def main() -> None:
     args = parse_args()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    world_size, local_world_size = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    where, backend, reason = choose_device(local_rank, local_world_size, gpu_count)
+    device = torch.device(where)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"rank {rank}/{world_size} (local {local_rank}) on {name} with {backend}", flush=True)
+    print(f"rank {rank}/{world_size} (local {local_rank}) on {name} with {backend}: {reason}", flush=True)
+    dist.init_process_group(backend)
 
     # Every rank draws the same "true" weights and its own data, so the loss must fall on all ranks.
     torch.manual_seed(0)

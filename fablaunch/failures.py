@@ -220,15 +220,15 @@ def report(job: str, failures: list[Failure]) -> None:
     def clock(t: float | None) -> str:
         return datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")[:-3] if t else "?"
 
-    out = ui.console()
-    out.print(f"job {job}: {len(failures)} failures; first: {root.who} on {root.host} at {clock(root.time)}",
-              style="bold red", markup=False)
-    out.print(f"  {describe(root)}", markup=False)
+    ui.say(f"job {job}: {ui.plural(len(failures), 'failure')}; first: {root.who} on {root.host} at {clock(root.time)}",
+           "bold red")
+    ui.say(f"  {describe(root)}")
     if root.traceback:
         ui.show_text(f"traceback of {root.who} on {root.host} ({root.file})", root.traceback)
     others = [f for f in failures if f is not root]
     if others:
         rows = [(f"{f.time - root.time:+.2f}s" if f.time and root.time else "?", f.host, f.who, describe(f))
                 for f in others]
-        ui.table("later failures", ("after first", "host", "who", "how"), rows)
+        ui.table("later failures", ("after first", "host", "who", "how"), rows,
+                 key_columns=("after first", "host", "who"), free_columns=("how",))
 

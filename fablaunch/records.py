@@ -108,3 +108,11 @@ def load_all(root: Path = RECORDS_DIR) -> list[dict[str, Any]]:
     """Every record here, newest launch last."""
     records = [load(p.stem, root) for p in sorted(root.glob("*.json"))] if root.is_dir() else []
     return sorted((r for r in records if r), key=lambda r: r.get("launched", ""))
+
+
+def forget(job: str, root: Path = RECORDS_DIR) -> None:
+    """Remove a job's launch record here (after `prune` removed its files on the hosts).
+
+    Its lock file stays: removing a file another launch may hold locked would let a third one in.
+    """
+    (root / f"{job}.json").unlink(missing_ok=True)

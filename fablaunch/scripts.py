@@ -217,6 +217,16 @@ def _checks(plan: Plan, python: str | None) -> list[str]:
     return lines
 
 
+def _script_check(plan: Plan) -> list[str]:
+    """A `.py` entry point must exist on the host: a missing one fails every rank a second after launch."""
+    script = plan.command[0]
+    if not script.endswith(".py"):
+        return []
+    path = script if script.startswith("/") else f"{plan.workdir.rstrip('/')}/{script}"
+    # Only where the workdir exists: a missing workdir is the one problem to name then.
+    return [f"[ ! -d {sh(plan.workdir)} ] || [ -f {sh(path)} ] || problem {sh(f'script: {path} not found')}"]
+
+
 def job_exists(job: str, host: Host | None = None) -> str:
     """A shell test, true when the job is alive here: tagged sessions (for `host`, if given) or processes.
 
@@ -244,6 +254,7 @@ def preflight_payload(plan: Plan, python: str | None, check_port: bool = False, 
             f"problem {sh(f'port: port {plan.port} is in use on {master}')}; fi"] if check_port else []
     checks = [
         *_checks(plan, python),
+        *_script_check(plan),
         *port,
         f"if {job_exists(plan.job, host)}; then echo {sh(f'exists: job {plan.job} is already running here')}; fi",
     ]
@@ -354,5 +365,22 @@ def kill_payload(job: str | None, host: Host, grace: float, run: str | None = No
         "sessions=0",
         *sessions,
         "echo \"found=$found left=$(pids | wc -l) sessions=$sessions jobs=$jobs\"",
+        "",
+    ])
+
+
+def prune_payload(job: str, host: Host, dry: bool) -> str:
+    """Remove a finished job's files on one host (its directory, earlier runs, its lock), never a live one.
+
+    The check runs here, at the moment of removal: a job relaunched since the survey is left alone.
+    Prints `running`, or `files=N` (what was, or with `dry` would be, removed).
+    """
+    base, label = sh(RemotePath(f"{JOBS_DIR}/{job}")), sh(host.label)
+    targets = f'{base}/{label} {base}/.previous/{label}-* {base}/.{host.label}.lock'
+    return "\n".join([
+        f"if {job_exists(job, host)}; then echo running; exit 0; fi",
+        f"files=$(find {targets} 2>/dev/null | wc -l)",
+        *([] if dry else [f"rm -rf {targets}", f"rmdir {base}/.previous {base} 2>/dev/null"]),
+        'echo "files=$files"',
         "",
     ])

@@ -12,12 +12,18 @@ import sys
 from typing import Any
 
 import fabric
+from invoke import Exit
 
 
 class Executor(fabric.Executor):
     """Fabric's executor, minus its handling of the `--` remainder (the tasks read it themselves)."""
 
     def expand_calls(self, calls: Any, apply_hosts: bool = True) -> Any:
+        if apply_hosts and self.core[0].args.hosts.value:
+            # Fabric would run each task once per -H host: a whole launch per host. fablaunch's tasks
+            # reach every host themselves, named by their own flags.
+            raise Exit("fablaunch: -H/--hosts before the task is not used by fablaunch's tasks (each would run "
+                       "once per host); name the hosts with the task's --gpus or --hosts instead", code=2)
         remainder, self.core.remainder = self.core.remainder, ""
         try:
             return super().expand_calls(calls, apply_hosts)

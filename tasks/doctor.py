@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from invoke import Exit, task
+from invoke import Exit
 
 from fablaunch import ui
 from fablaunch.errors import UsageError
@@ -34,7 +34,7 @@ from fablaunch.plan import Plan
 from fablaunch.scripts import job_exists, port_in_use, python_found, sh
 from fablaunch.spec import DEFAULT_PORT, JobSpec, build_spec, default_python, read_spec
 
-from .flags import int_flag, parallel_flag, usage_errors
+from .flags import int_flag, parallel_flag, task, usage_errors
 from .launch import make_plan
 
 # Columns of the table and keys of --json, in this order.
@@ -385,11 +385,12 @@ def _gpus(fields: Mapping[str, str], expected: int | None, cuda: Check) -> Check
         return ok(None, "no GPU")
     n = int(count)
     if expected is not None and n < expected:
-        return fail(n, f"{n}/{expected}", f"{n} GPUs, but the host file gives this host {expected} ranks")
+        return fail(n, f"{n}/{expected}",
+                    f"{ui.plural(n, 'GPU')}, but the host file gives this host {ui.plural(expected, 'rank')}")
     if cuda.status == "ok" and cuda.value is None and n:
-        return warn(n, str(n), f"{n} GPUs, but torch is a CPU build (no CUDA)")
+        return warn(n, str(n), f"{ui.plural(n, 'GPU')}, but torch is a CPU build (no CUDA)")
     if expected is not None and n > expected:
-        return warn(n, f"{n}/{expected}", f"{n} GPUs, but the host file uses only {expected}")
+        return warn(n, f"{n}/{expected}", f"{ui.plural(n, 'GPU')}, but the host file uses only {expected}")
     return ok(n, f"{n}/{expected}" if expected is not None else str(n))
 
 
@@ -445,7 +446,7 @@ def compare_versions(results: Mapping[str, Mapping[str, Check]]) -> dict[str, di
         top = max(counts.values())
         reference = next(v for v in values.values() if counts[v] == top)
         where = next(h for h, v in values.items() if v == reference)
-        others = f" and {top - 1} other hosts" if top > 1 else ""
+        others = f" and {ui.plural(top - 1, 'other host')}" if top > 1 else ""
         for host, value in values.items():
             if value != reference:
                 out[host][name] = replace(out[host][name], status="fail" if name in MUST_MATCH else "warn",
@@ -633,8 +634,11 @@ def _reach_master(ex: Executor, plan: Plan, python: str, hosts: list[Host],
 def report(results: Mapping[str, Mapping[str, Check]], plan: Plan) -> None:
     """The table, then one line per failure and warning."""
     columns = ("host", *(LABELS.get(n, n) for n in CHECKS))
-    ui.table(f"fab doctor: {len(results)} hosts, master {plan.master_addr}:{plan.port}, workdir {plan.workdir}",
-             columns, table_rows(results), markup=True)  # the cells are escaped markup, coloured by status
+    # The cells are escaped markup, coloured by status. Every check's cell keeps its width; where they do
+    # not fit side by side (80 columns), each host's checks go under it as `check: value`.
+    ui.table(f"fab doctor: {ui.plural(len(results), 'host')}, master {plan.master_addr}:{plan.port}, "
+             f"workdir {plan.workdir}", columns, table_rows(results), markup=True, key_columns=("host",),
+             free_columns=())
     for host, name, check in problems(results):
         ui.say(f"{check.status.upper()} {host} {LABELS.get(name, name)}: {check.message}",
                "red" if check.status == "fail" else "yellow")

@@ -22,7 +22,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from invoke import Exit, task
+from invoke import Exit
 
 from fablaunch import ui
 from fablaunch.executor import REMOTE_SHELL, Executor
@@ -30,7 +30,7 @@ from fablaunch.hostfile import Host
 from fablaunch.scripts import sh, tagged_pids
 from fablaunch.survey import SEP, as_int, sections
 
-from .flags import int_flag, parallel_flag, usage_errors
+from .flags import int_flag, parallel_flag, task, usage_errors
 from .jobs import TARGET_HELP, latest_job, targets
 
 SPY_TIMEOUT = 60  # seconds per process; a process in uninterruptible sleep can stall py-spy
@@ -306,8 +306,9 @@ def report(job: str, dumps: list[HostDump], folds: list[Fold], host_order: list[
     procs = [p for d in dumps for p in d.procs]
     if procs:
         ranks = [f for f in folds if any(p.role == "rank" for p in f.members)]
-        ui.say(f"job {job}: {len(procs)} python processes on {len({p.host for p in procs})} hosts, "
-               f"{len(folds)} distinct stacks" + (f" ({len(ranks)} among the ranks)" if ranks else ""))
+        hosts = len({p.host for p in procs})
+        ui.say(f"job {job}: {ui.plural(len(procs), 'python process')} on {ui.plural(hosts, 'host')}, "
+               f"{ui.plural(len(folds), 'distinct stack')}" + (f" ({len(ranks)} among the ranks)" if ranks else ""))
     for d in dumps:
         if d.problem:
             ui.say(f"{d.host}: {d.problem}", "red", stderr=True)
@@ -349,4 +350,5 @@ def dump_(c, job=None, rank=None, locals_=False, json_=False, hosts=None, gpus=N
         raise Exit(f"fablaunch: no running python process{which} of job {name} found on the hosts "
                    f"(see `fab status --job {name}`)", code=1)
     if problems or failed:
-        raise Exit(f"fablaunch: {len(problems)} hosts with problems, {len(failed)} dumps failed", code=1)
+        raise Exit(f"fablaunch: {ui.plural(len(problems), 'host')} with problems, "
+                   f"{ui.plural(len(failed), 'dump')} failed", code=1)

@@ -12,6 +12,7 @@ import math
 import re
 from typing import Any
 
+import invoke
 from invoke import Exit
 
 from fablaunch.errors import UsageError
@@ -26,6 +27,16 @@ MAX_SECONDS = 7 * 24 * 3600
 _INTEGER = re.compile(r"-?[0-9]+")
 _DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 _MAX_DIGITS = 1000  # int() refuses over 4300 digits with a ValueError; no flag needs a tenth of this
+
+
+def task(*args: Any, **kwargs: Any) -> Any:
+    """Invoke's `@task`, without the short flags Invoke would make up from each flag's first letter.
+
+    Made-up short flags collide with habits and differ between tasks (`-h` was `--preflight`,
+    `--hosts` or `--host`, so `fab status -h` failed instead of showing help). With none, `-h` after
+    any task is help, and every flag is spelled out the same way on every task.
+    """
+    return invoke.task(*args, auto_shortflags=False, **kwargs)
 
 
 def usage_error(exc: UsageError) -> Exit:
@@ -81,6 +92,20 @@ def seconds_flag(value: Any, flag: str, default: float | None = None) -> float |
     if result > MAX_SECONDS:
         raise UsageError(flag, f"must be at most {MAX_SECONDS} seconds (one week), not {value}")
     return result
+
+
+_DURATION = re.compile(r"([0-9]+)([smhdw]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def age_flag(value: Any, flag: str) -> float | None:
+    """An age such as `90`, `30m`, `12h`, `7d` or `2w`, in seconds (None when not given)."""
+    if value is None:
+        return None
+    match = _DURATION.fullmatch(str(value))
+    if not match or len(match.group(1)) > 9:
+        raise UsageError(flag, f"{value!r} is not an age (write e.g. 3600, 30m, 12h, 7d or 2w)")
+    return float(int(match.group(1)) * _UNIT[match.group(2)])
 
 
 def parallel_flag(value: Any) -> int:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from invoke import Exit, task
+from invoke import Exit
 
 from fablaunch import failures, records, survey, ui
 from fablaunch.errors import UsageError
@@ -26,7 +26,7 @@ from fablaunch.scripts import kill_payload, sh
 from fablaunch.spec import DEFAULT_PARALLEL, check_job_name
 from fablaunch.survey import SessionState
 
-from .flags import int_flag, parallel_flag, seconds_flag, usage_errors
+from .flags import int_flag, parallel_flag, seconds_flag, task, usage_errors
 
 TARGET_HELP = {
     "job": "Job name (default: every job of this project found on the hosts).",
@@ -130,22 +130,23 @@ def who(s: SessionState) -> str:
     return f"rank {s.rank}" if s.rank is not None else f"node {s.node}"
 
 
-def job_table(job: str, states: list[SessionState]) -> Any:
-    """A rich table of one job's sessions."""
-    from rich.table import Table
+def job_table(job: str, states: list[SessionState]) -> ui.TableSpec:
+    """A table of one job's sessions: host, rank or node, state and exit are never squeezed.
 
+    The last log line wraps in what is left (on its own line under the row where that is too little)
+    and is shown whole, as every other cell, in plain output.
+    """
     mode = states[0].mode
-    table = Table(title=ui.literal(f"job {job} ({mode})"), title_justify="left")
-    for column in ("host", "session", "rank" if mode == "gpus" else "node", "state", "exit", "pid", "run time",
-                   "last log line"):
-        table.add_column(column, no_wrap=True, overflow="ellipsis",
-                         min_width=20 if column == "last log line" else None)
+    number = "rank" if mode == "gpus" else "node"
+    rows = []
     for s in states:
-        last = f"{s.last_line[:120]}  ({_age(s.log_age)} ago)" if s.last_line else ""
-        cells = (s.host, s.session, s.rank if mode == "gpus" else s.node, shown_state(s), describe_end(s),
-                 s.pid or "", _age(s.runtime), last)
-        table.add_row(*(ui.literal(c) for c in cells), style=_STYLE.get(s.state))
-    return table
+        last = f"{s.last_line}  ({_age(s.log_age)} ago)" if s.last_line else ""
+        rows.append((s.host, s.session, s.rank if mode == "gpus" else s.node, shown_state(s), describe_end(s),
+                     s.pid or "", _age(s.runtime), last))
+    return ui.TableSpec(f"job {job} ({mode})",
+                        ("host", "session", number, "state", "exit", "pid", "run time", "last log line"), rows,
+                        [_STYLE.get(s.state) for s in states], key_columns=("host", number, "state", "exit"),
+                        free_columns=("last log line",))
 
 
 def summary(job: str, states: list[SessionState]) -> list[str]:
@@ -153,7 +154,7 @@ def summary(job: str, states: list[SessionState]) -> list[str]:
     counts: dict[str, int] = {}
     for s in states:
         counts[s.state] = counts.get(s.state, 0) + 1
-    line = f"job {job}: {len(states)} sessions, " + ", ".join(f"{n} {state}" for state, n in counts.items())
+    line = f"job {job}: {ui.plural(len(states), 'session')}, " + ", ".join(f"{n} {st}" for st, n in counts.items())
     first = survey.first_failure(states)
     if first is None:
         return [line]
@@ -170,7 +171,7 @@ def summary(job: str, states: list[SessionState]) -> list[str]:
 
 def report(result: Survey) -> None:
     for job, states in result.jobs().items():
-        ui.emit(job_table(job, states))
+        ui.emit_table(job_table(job, states))
         for i, line in enumerate(summary(job, states)):
             ui.say(line, style="bold" if i == 0 else None)
     for host, why in result.unreachable.items():
@@ -352,8 +353,10 @@ def attach(c, rank=None, host=None, job=None, hosts=None, gpus=None):
         argv = ["bash", "-c", tmux_cmd]
     else:
         argv = ["ssh", "-t"]
-        if c.config.get("ssh_config_path"):
-            argv += ["-F", c.config.ssh_config_path]
+        # `fab -S FILE` lands in the private _runtime_ssh_path; ssh_config_path is the config file's key.
+        ssh_config = getattr(c.config, "_runtime_ssh_path", None) or c.config.get("ssh_config_path")
+        if ssh_config:
+            argv += ["-F", ssh_config]
         for key in c.config.connect_kwargs.get("key_filename") or []:
             argv += ["-i", key]
         argv += [*(["-p", str(h.port)] if h.port else []), *(["-l", h.user] if h.user else []), h.name, tmux_cmd]
@@ -374,7 +377,7 @@ def stop_job(ex: Executor, hosts: list[Host], job: str | None, grace: float) -> 
             continue
         found, left, sessions = int(fields["found"]), int(fields["left"]), int(fields["sessions"])
         if left:
-            result = f"{left} processes survived SIGKILL"
+            result = f"{ui.plural(left, 'process')} survived SIGKILL"
             bad += 1
         else:
             result = "stopped" if found or sessions else "nothing to stop"
@@ -440,7 +443,7 @@ def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None, all_=Fal
     if all_:
         host_list = targets(None, hosts, gpus)
         if sys.stdin.isatty() and not yes and not confirm(
-                f"Stop every fablaunch job, of any project, on {len(host_list)} hosts "
+                f"Stop every fablaunch job, of any project, on {ui.plural(len(host_list), 'host')} "
                 f"({', '.join(h.spec for h in host_list[:8])}{', ...' if len(host_list) > 8 else ''})?"):
             raise Exit("fablaunch: nothing was stopped", code=1)
         with Executor(c.config, parallel_flag(parallel), deadline=grace_s + 20) as ex:
@@ -465,12 +468,13 @@ def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None, all_=Fal
 
 def _report_stop(what: str, rows: list[tuple[Any, ...]], bad: int) -> None:
     if all(r[-1] == "nothing to stop" for r in rows):
-        ui.say(f"Nothing to stop for {what} on {len({r[0] for r in rows})} hosts.")
+        ui.say(f"Nothing to stop for {what} on {ui.plural(len({r[0] for r in rows}), 'host')}.")
         return
     ui.table(f"Stop {what}", ("host", "jobs", "processes", "sessions", "result"), rows,
-             ["green" if r[-1] in ("stopped", "nothing to stop") else "red" for r in rows])
+             ["green" if r[-1] in ("stopped", "nothing to stop") else "red" for r in rows],
+             key_columns=("host", "processes", "sessions"), free_columns=("jobs", "result"))
     if bad:
-        raise Exit(f"fablaunch: {bad} hosts not verified clean", code=1)
+        raise Exit(f"fablaunch: {ui.plural(bad, 'host')} not verified clean", code=1)
 
 
 def exit_code_of(failure: SessionState) -> int:
@@ -481,17 +485,16 @@ def exit_code_of(failure: SessionState) -> int:
 def wait_for(c: Any, ex: Executor, hosts: list[Host], job: str, timeout: float | None, fail_fast: bool,
              interval: float = 2.0) -> int:
     """Watch a job live until every session ended; return the exit code `fab wait` should give."""
-    from rich.live import Live
-
     start = time.monotonic()
     first = take_survey(ex, hosts, job)
     if not any(s.job == job for s in first.states):
-        where = f"{len(hosts)} hosts" + (f"; unreachable: {', '.join(first.unreachable)}" if first.unreachable else "")
+        where = ui.plural(len(hosts), "host")
         if first.unreachable:
+            where += f"; unreachable: {', '.join(first.unreachable)}"
             raise Exit(f"fablaunch: job {job} not found on the reachable hosts ({where})", code=1)
         raise UsageError("--job", f"no job {job} on the hosts ({where}); `fab status` lists the jobs there")
     result = first
-    with Live(console=ui.console(stderr=True), auto_refresh=False, transient=True) as live:
+    with ui.live(stderr=True) as live:  # shows nothing where stderr is not a terminal
         while True:
             states = [s for s in result.states if s.job == job]
             if states:
@@ -511,12 +514,12 @@ def wait_for(c: Any, ex: Executor, hosts: list[Host], job: str, timeout: float |
             if timeout is not None and time.monotonic() - start > timeout:
                 live.stop()
                 if states:
-                    ui.emit(job_table(job, states))
+                    ui.emit_table(job_table(job, states))
                 ui.say(f"Timed out after {timeout:g}s; job {job} keeps running.", "yellow")
                 return 124
             time.sleep(interval)
             result = take_survey(ex, hosts, job)
-    ui.emit(job_table(job, states))
+    ui.emit_table(job_table(job, states))
     for line in summary(job, states):
         ui.say(line)
     lost = [s for s in states if s.state == "lost"]

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from invoke import Exit, task
+from invoke import Exit
 
 from fablaunch import records, tmux, ui
 from fablaunch.errors import UsageError
@@ -35,7 +35,7 @@ from fablaunch.spec import (
     parse_env,
 )
 
-from .flags import int_flag, usage_error
+from .flags import int_flag, task, usage_error
 
 COMMON_HELP = {
     "job": "Job name (default: the spec's name, else the script's name plus a timestamp).",
@@ -116,8 +116,8 @@ def _python_to_check(plan: Plan) -> str | None:
 
 def dry_run(plan: Plan, launched: str) -> None:
     """Show what a launch would run on every host, secret-looking values masked."""
-    ui.say(f"Dry run of job {plan.job} ({plan.mode}, {len(plan.sessions)} sessions on {len(plan.hosts)} hosts); "
-           "nothing is touched.")
+    ui.say(f"Dry run of job {plan.job} ({plan.mode}, {ui.plural(len(plan.sessions), 'session')} on "
+           f"{ui.plural(len(plan.hosts), 'host')}); nothing is touched.")
     for host in plan.hosts:
         how = "local bash" if host.is_local else f"ssh {host.spec}"
         sessions = plan.on(host)
@@ -185,7 +185,8 @@ def _results_table(title: str, plan: Plan, outcomes: dict[str, Outcome], note: d
             result = f"{result}; {note[host.spec]}"
         rows.append((host.spec, len(plan.on(host)), seconds, result))
         styles.append("green" if o is not None and o.ok else "red")
-    ui.table(title, ("host", "sessions", "seconds", "result"), rows, styles)
+    ui.table(title, ("host", "sessions", "seconds", "result"), rows, styles,
+             key_columns=("host", "sessions", "seconds"), free_columns=("result",))
 
 
 def launch_then(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool,
@@ -249,8 +250,8 @@ def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure:
             signals.shielded = True
             _roll_back_interrupted(c, attempt, spec, exc.signum)
     attempt.note("started")
-    _results_table(f"Launched {plan.job}: {len(plan.sessions)} sessions on {len(plan.hosts)} hosts", plan,
-                   attempt.outcomes)
+    _results_table(f"Launched {plan.job}: {ui.plural(len(plan.sessions), 'session')} on "
+                   f"{ui.plural(len(plan.hosts), 'host')}", plan, attempt.outcomes)
     ui.say(f"Logs: {plan.sessions[0].dir.rsplit('/', 1)[0]}/<host>/ on each host; record: {path}")
     return plan
 
@@ -340,7 +341,7 @@ def _start(c: Any, attempt: Attempt, spec: JobSpec, replace: bool, rollback_on_f
         _results_table(f"Launch of {plan.job} failed", plan, outcomes, note)
         attempt.note(f"failed on {', '.join(h.spec for h in failed)}"
                      + ("; rolled back" if rollback_on_failure else "; the rest kept running"))
-        raise Exit(f"fablaunch: {len(failed)} of {len(plan.hosts)} hosts failed to launch job {plan.job}"
+        raise Exit(f"fablaunch: {len(failed)} of {ui.plural(len(plan.hosts), 'host')} failed to launch job {plan.job}"
                    + ("; the rest was rolled back" if rollback_on_failure else "; the rest keeps running"),
                    code=1)
 
@@ -381,8 +382,8 @@ def _refuse_failed(plan: Plan, outcomes: dict[str, Outcome]) -> None:
     bad = {s: o for s, o in outcomes.items() if not o.ok}
     if bad:
         _results_table(f"Preflight of {plan.job} failed: nothing was launched", plan, outcomes)
-        raise Exit(f"fablaunch: {len(bad)} of {len(plan.hosts)} hosts cannot run job {plan.job}; nothing was launched",
-                   code=1)
+        raise Exit(f"fablaunch: {len(bad)} of {ui.plural(len(plan.hosts), 'host')} cannot run job {plan.job}; "
+                   "nothing was launched", code=1)
 
 
 def _stop_running(ex: Executor, plan: Plan) -> None:

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from invoke import Exit, task
+from invoke import Exit
 
 from fablaunch import survey, ui
 from fablaunch.errors import UsageError
@@ -27,7 +27,7 @@ from fablaunch.plan import JOBS_DIR, RemotePath
 from fablaunch.scripts import sh
 from fablaunch.survey import SessionState
 
-from .flags import parallel_flag, seconds_flag, usage_errors
+from .flags import parallel_flag, seconds_flag, task, usage_errors
 from .jobs import TARGET_HELP, targets
 
 SEP = survey.SEP
@@ -437,50 +437,47 @@ def _per_gpu(gpus: list[Gpu]) -> str:
 _STATUS_STYLE = {OK: None, NO_GPU: "dim", NO_SMI: "dim", SMI_FAILED: "red", UNREACHABLE: "red"}
 
 
-def render(snap: Snapshot, interval: float | None = None) -> Any:
-    """The view: one row per host and a cluster row, then the job's flagged ranks."""
-    from rich.console import Group
-    from rich.table import Table
+def render(snap: Snapshot, interval: float | None = None) -> ui.Blocks:
+    """The view: one row per host and a cluster row, then the job's flagged ranks.
 
+    Host and its figures are never squeezed; the per-GPU figures and the note go under each host's
+    row where they do not fit beside it (80 columns).
+    """
     stamp = time.strftime("%H:%M:%S", time.localtime(snap.time))
     every = f", every {interval:g}s, Ctrl-C to quit" if interval else ""
-    table = Table(title=f"fab top: {len(snap.samples)} hosts at {stamp}{every}", title_justify="left")
-    for column in ("host", "GPUs", "util", "power", "memory", "procs", "util%/power% per GPU", "note"):
-        table.add_column(column, no_wrap=column != "note", overflow="fold")
+    rows: list[list[str]] = []
+    styles: list[str | None] = []
     for s in snap.samples:
-        style = _STATUS_STYLE.get(s.status)
+        styles.append(_STATUS_STYLE.get(s.status))
         if s.gpus:
-            cells = [s.host, *_figures(s.totals()), _per_gpu(s.gpus), s.message]
+            rows.append([s.host, *_figures(s.totals()), _per_gpu(s.gpus), s.message])
         else:
-            cells = [s.host, *_figures(Totals()), "", s.status + (f": {s.message}" if s.message else "")]
-        table.add_row(*(ui.literal(c) for c in cells), style=style)
+            rows.append([s.host, *_figures(Totals()), "", s.status + (f": {s.message}" if s.message else "")])
     note = f"{len(snap.unreachable)} unreachable" if snap.unreachable else ""
-    table.add_section()
-    table.add_row("cluster", *_figures(totals(snap.samples)), "", note, style="bold")
-    parts: list[Any] = [table]
-    if snap.job:
-        parts.append(job_view(snap))
-    return Group(*parts)
+    rows.append(["cluster", *_figures(totals(snap.samples)), "", note])
+    styles.append("bold")
+    table = ui.TableSpec(f"fab top: {ui.plural(len(snap.samples), 'host')} at {stamp}{every}",
+                         ("host", "GPUs", "util", "power", "memory", "procs", "util%/power% per GPU", "note"), rows,
+                         styles, key_columns=("host", "GPUs", "util", "power", "memory", "procs"),
+                         free_columns=("note",), sections=(len(rows) - 1,))
+    return ui.Blocks(table, job_view(snap)) if snap.job else ui.Blocks(table)
 
 
 def job_view(snap: Snapshot) -> Any:
-    from rich.table import Table
     from rich.text import Text
 
     running = [s for s in snap.states if s.state == "running"]
     if not snap.states:
         return Text(f"job {snap.job}: no sessions found on these hosts", style="yellow")
     if not snap.flagged:
-        return Text(f"job {snap.job}: {len(running)} of {len(snap.states)} sessions running, none looks hung",
-                    style="green")
-    table = Table(title=f"job {snap.job}: {len(snap.flagged)} of {len(running)} running sessions look hung",
-                  title_justify="left", title_style="bold red")
-    for column in ("host", "session", "who", "why"):
-        table.add_column(column, overflow="fold")
-    for f in snap.flagged:
-        cells = (f.host, f.session, f"rank {f.rank}" if f.rank is not None else f"node {f.node}", "; ".join(f.reasons))
-        table.add_row(*(ui.literal(c) for c in cells), style="red")
-    return table
+        return Text(f"job {snap.job}: {len(running)} of {ui.plural(len(snap.states), 'session')} running, "
+                    "none looks hung", style="green")
+    hung = len(snap.flagged)
+    rows = [(f.host, f.session, f"rank {f.rank}" if f.rank is not None else f"node {f.node}", "; ".join(f.reasons))
+            for f in snap.flagged]
+    return ui.TableSpec(f"job {snap.job}: {hung} of {ui.plural(len(running), 'running session')} "
+                        f"{'looks' if hung == 1 else 'look'} hung", ("host", "session", "who", "why"), rows,
+                        ["red"] * hung, key_columns=("host", "who"), free_columns=("why",), title_style="bold red")
 
 
 # --- the task ------------------------------------------------------------------------------------------------------
@@ -520,7 +517,7 @@ def top_(c, interval=None, once=False, json_=False, job=None, stall=None, hosts=
             if json_:
                 print(json.dumps(snap.as_json(), indent=2))
             else:
-                ui.console().print(render(snap))
+                ui.emit(render(snap))
             if snap.unreachable:
                 raise Exit(f"fablaunch: unreachable: {', '.join(s.host for s in snap.unreachable)}", code=1)
             return
@@ -528,12 +525,18 @@ def top_(c, interval=None, once=False, json_=False, job=None, stall=None, hosts=
 
 
 def watch(ex: Executor, hosts: list[Host], job: str | None, stall: float, interval: float) -> None:
-    """Refresh the view every `interval` seconds until Ctrl-C."""
-    from rich.live import Live
+    """Refresh the view every `interval` seconds until Ctrl-C.
 
-    with contextlib.suppress(KeyboardInterrupt), \
-            Live(console=ui.console(), auto_refresh=False, screen=False) as live:
+    On a terminal the view is redrawn in place; piped (`fab top | tee top.log`), every refresh is
+    printed as plain lines, one snapshot after the other.
+    """
+    with contextlib.suppress(KeyboardInterrupt), ui.live(transient=False) as live:
         while True:
             start = time.monotonic()
-            live.update(render(sample(ex, hosts, job, stall), interval), refresh=True)
+            view = render(sample(ex, hosts, job, stall), interval)
+            if ui.is_terminal():
+                live.update(view, refresh=True)
+            else:
+                ui.emit(view)
+                ui.say("")
             time.sleep(max(0.0, interval - (time.monotonic() - start)))

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fablaunch.tasks.doctor import CHECKS
 
+from fablaunch.tasks.doctor import CHECKS
 from tests.conftest import FAB, REPO, Fab, live_pids, master_port, sessions, wait_until
 from tests.test_doctor_checks import listening
 

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from fablaunch.tasks import doctor
-from fablaunch.tasks.doctor import CHECKS, Check
 
 from fablaunch import scripts
 from fablaunch.errors import UsageError
@@ -22,6 +20,8 @@ from fablaunch.executor import Outcome
 from fablaunch.hostfile import parse_host
 from fablaunch.plan import plan_gpus
 from fablaunch.spec import JobSpec
+from fablaunch.tasks import doctor
+from fablaunch.tasks.doctor import CHECKS, Check
 
 HEALTHY = {
     "tmux": "tmux 3.3a", "workdir": "ok", "disk_kb": str(200 * 2**20), "nofile": "65536",
@@ -361,6 +361,7 @@ def test_port_in_use_without_any_python_falls_back_to_connecting(tmp_path: Path)
 
 
 def test_preflight_payload_checks_the_port_only_when_asked(tmp_path: Path) -> None:
+    (tmp_path / "x.py").write_text("")
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
@@ -372,6 +373,16 @@ def test_preflight_payload_checks_the_port_only_when_asked(tmp_path: Path) -> No
         unchecked = run_bash(scripts.preflight_payload(plan, sys.executable), env)
     assert checked.returncode == 1 and f"port: port {port} is in use on localhost" in checked.stdout
     assert unchecked.returncode == 0, unchecked.stdout
+
+
+def test_preflight_payload_fails_a_host_without_the_script_to_run(tmp_path: Path) -> None:
+    plan = plan_gpus(JobSpec(command=["missing.py", "--x"]), [parse_host("localhost", "t")], "j", sys.executable,
+                     str(tmp_path))
+    out = run_bash(scripts.preflight_payload(plan, sys.executable), {**os.environ, "TMUX_TMPDIR": str(tmp_path)})
+    assert out.returncode == 1 and f"script: {tmp_path}/missing.py not found" in out.stdout
+    (tmp_path / "missing.py").write_text("")
+    assert run_bash(scripts.preflight_payload(plan, sys.executable), {**os.environ, "TMUX_TMPDIR": str(tmp_path)}
+                    ).returncode == 0
 
 
 def start_listener(token: str, port: int, expect: int, limit: float = 30) -> subprocess.Popen:

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fablaunch.tasks import dump
-from fablaunch.tasks.dump import Proc
 
 from fablaunch.hostfile import parse_host
+from fablaunch.tasks import dump
+from fablaunch.tasks.dump import Proc
 from tests.cluster import Cluster
 from tests.conftest import JOBS, SSH_PORT, Fab, live_pids, master_port, wait_until
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from fablaunch.tasks import jobs
 
 from fablaunch import failures
 from fablaunch.survey import SessionState, WorkerError
+from fablaunch.tasks import jobs
 
 # What torch 2.13's torchrun agent printed (2 workers on one node, `--redirects 3`) when worker 1 did
 # os.kill(os.getpid(), 9); it wrote no TORCHELASTIC error file, neither the worker's nor its own.

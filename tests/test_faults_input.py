@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
-from fablaunch.tasks.flags import MAX_SECONDS
 
 from fablaunch.hostfile import MAX_SLOTS
 from fablaunch.spec import MAX_PARALLEL, MAX_TOTAL_BYTES, MAX_VALUE_BYTES
+from fablaunch.tasks.flags import MAX_SECONDS
 from tests.conftest import Fab, live_pids, master_port, sessions
 
 GPUS = "node1\nnode2\nnode3\n"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+
 import pytest
-from fablaunch.tasks.flags import MAX_SECONDS, int_flag, parallel_flag, seconds_flag, usage_errors
 from invoke import Exit
 
 from fablaunch.errors import UsageError
 from fablaunch.spec import DEFAULT_PARALLEL, MAX_PARALLEL
+from fablaunch.tasks.flags import MAX_SECONDS, int_flag, parallel_flag, seconds_flag, usage_errors
+from tests.conftest import FAB, REPO
 
 # Python's int() and float() accept every one of these; a user never means them, and the tools on
 # the hosts (ssh, tail, bash arithmetic) would not read them the same way.
@@ -129,3 +133,18 @@ def test_usage_errors_turns_a_usage_error_into_exit_2_with_its_place() -> None:
         task()
     assert info.value.code == 2
     assert str(info.value.message).startswith("fablaunch: --rank: 'x' is not an integer")
+
+
+# --- the CLI's flags -------------------------------------------------------------------------------------------
+
+TASKS = ["launch-gpus", "launch-torchrun", "status", "logs", "attach", "stop", "wait", "errors", "top", "dump",
+         "doctor"]
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_dash_h_after_any_task_is_its_help_and_no_task_has_made_up_short_flags(name: str) -> None:
+    shown = subprocess.run([FAB, "-r", str(REPO), name, "-h"], capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+    assert shown.returncode == 0 and shown.stdout.startswith("Usage: fab"), shown.stdout + shown.stderr
+    options = shown.stdout.split("Options:", 1)[1]
+    assert not re.search(r"^\s+-[A-Za-z][ ,=]", options, re.M), options  # every flag is spelled out

@@ -365,7 +365,7 @@ def test_errors_shows_the_first_failure_with_its_exception_and_traceback(fab: Fa
     shown = ok(fab("errors", "--job", job))
     assert "first: rank 2 on node1" in output(shown)
     assert "ValueError: boom" in output(shown) and 'raise ValueError(arg)' in output(shown)
-    assert re.search(r"node1 . rank 0 . exit 1 \(no error file\)", output(shown)), output(shown)
+    assert re.search(r"\+\d+\.\d\ds node1 rank 0 exit 1 \(no error file\)", output(shown)), output(shown)
 
     data = json.loads(ok(fab("errors", "--job", job, "--json")).stdout)
     assert (data["first"]["rank"], data["first"]["host"], data["first"]["exc_type"], data["first"]["message"]) == (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -19,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fablaunch.tasks import top
 
 from fablaunch.hostfile import parse_host
 from fablaunch.survey import SessionState
+from fablaunch.tasks import top
 from tests.cluster import Cluster, port_open
 from tests.conftest import FAB, JOBS, PAYLOADS, REPO, SSH_PORT, Fab, master_port, wait_until
 
@@ -85,9 +86,9 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
 
 
 def row(text: str, host: str) -> str:
-    """A host's row of the table, cells joined by single spaces."""
+    """A host's row of the table, cells joined by single spaces (piped, a row is a line, fields two spaces apart)."""
     for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        cells = re.split(r"\s{2,}", line.strip())
         if cells and cells[0] == host:
             return " ".join(cells)
     raise AssertionError(f"no row for {host} in:\n{text}")

@@ -1,0 +1,37 @@
+"""The `fab` command line around the tasks: fab's own flags that fablaunch honours or refuses."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+from tests.conftest import Fab, live_pids, master_port, wait_until
+
+
+def test_dash_capital_h_is_refused_instead_of_running_a_launch_per_host(fab: Fab, job: str) -> None:
+    fab.write("gpus", "node1")
+    result = fab("-H", "node1,node2", "launch-gpus", "--job", job, "--dry-run", "--", "sleeper.py")
+    assert result.returncode == 2 and "--gpus or --hosts" in result.stderr, result.stdout + result.stderr
+    assert "Dry run" not in result.stdout
+
+
+def test_attach_runs_ssh_with_fabs_ssh_config_and_key(fab: Fab, job: str, tmp_path: Path) -> None:
+    fab.write("gpus", "node2")
+    result = fab("launch-gpus", "--job", job, "--port", str(master_port()), "--", "sleeper.py")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: live_pids(job), timeout=30)
+    # A stand-in ssh that records its arguments: attach execs ssh -t, which needs a terminal.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "ssh-args"
+    (bin_dir / "ssh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {shlex.quote(str(record))}\n')
+    (bin_dir / "ssh").chmod(0o755)
+    key = fab.cluster.client_key
+    fab.env = {**fab.env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    attached = fab("-i", str(key), "attach", "--job", job, "--rank", "0")
+    assert attached.returncode == 0, attached.stdout + attached.stderr
+    argv = record.read_text().splitlines()
+    assert argv[:2] == ["-t", "-F"] and argv[2] == str(fab.ssh_config)
+    assert ["-i", str(key)] == argv[argv.index("-i"):argv.index("-i") + 2]
+    assert "node2" in argv and argv[-1] == f"tmux attach-session -t ={job}-rank-0"
