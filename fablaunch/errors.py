@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class UsageError(Exception):
     """Bad input: a host file, spec, flag or name that cannot be used.
@@ -14,3 +16,39 @@ class UsageError(Exception):
         super().__init__(f"{where}: {problem}")
         self.where = where
         self.problem = problem
+
+
+class LaunchError(Exception):
+    """A launch that did not start: why, the exit code the CLI gives, and what each host answered.
+
+    `outcomes` (host spec -> executor Outcome) and `notes` (host spec -> what the rollback did) are
+    what the results table shows; `title` heads it. Nothing of the job is left running unless the
+    message says so (`--no-rollback`, or a rollback that could not be verified).
+    """
+
+    def __init__(self, message: str, code: int = 1, *, title: str = "", outcomes: dict[str, Any] | None = None,
+                 notes: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.title = title
+        self.outcomes = outcomes or {}
+        self.notes = notes or {}
+
+
+class JobNotFound(Exception):
+    """No host that answered knows the job (some did not answer, so it may be there): carries the name."""
+
+    def __init__(self, job: str, message: str) -> None:
+        super().__init__(message)
+        self.job = job
+
+
+class HostError(Exception):
+    """Hosts that did not do what was asked (unreachable, timed out, a process that survived a stop).
+
+    `hosts` maps each such host spec to why, so a caller can retry or report host by host.
+    """
+
+    def __init__(self, message: str, hosts: dict[str, str]) -> None:
+        super().__init__(message)
+        self.hosts = hosts

@@ -8,6 +8,9 @@ ignored would launch the wrong job on every host. YAML 1.1 also silently rewrite
 of two equal keys, so the file is checked as YAML nodes, whose text is still what the user wrote:
 `env:` values must be strings (quoted where YAML would read something else), argument lists keep each
 item as written, and a key given twice is refused.
+
+The job's name is the key `job:`, like the `--job` flag; `name:`, its first spelling, still works but
+prints a warning, and a spec giving both is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import re
 import shlex
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -50,7 +53,7 @@ class JobSpec:
     """Every option of a launch, after the spec file and the command line are merged."""
 
     command: list[str] = field(default_factory=list)
-    name: str | None = None
+    name: str | None = None  # the spec's `job:` key, the --job flag
     hosts: str = "hosts"
     gpus: str = "gpus"
     python: str | None = None
@@ -68,7 +71,7 @@ class JobSpec:
 # What each spec key must be, for the error message and the check.
 _KINDS: dict[str, tuple[type, ...]] = {
     "command": (list, str),
-    "name": (str,),
+    "job": (str,),
     "hosts": (str,),
     "gpus": (str,),
     "python": (str,),
@@ -83,16 +86,33 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "secrets": (list,),
 }
 _KIND_NAMES = {list: "a list", str: "a string", int: "an integer", dict: "a mapping"}
+# Spec keys whose JobSpec field has another name.
+_FIELDS = {"job": "name"}
+# Deprecated spellings of a key, still read (with a warning): old key -> key.
+_ALIASES = {"name": "job"}
+_warned: set[str] = set()
 
 
-def read_spec(path: str) -> dict[str, Any]:
-    """Load and check a spec file; return only the keys it sets."""
+def _say_once(message: str) -> None:
+    """Print a warning on stderr once per process: `fab doctor` reads its spec twice."""
+    from . import ui  # deferred: keeps `fab -l` fast
+
+    if message not in _warned:
+        _warned.add(message)
+        ui.say(message, "yellow", stderr=True)
+
+
+def read_spec(path: str, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Load and check a spec file; return only the options it sets, named as JobSpec's fields (`job:` as `name`).
+
+    A deprecated key is read with a warning line passed to `warn` (default: printed once on stderr).
+    """
     import yaml  # deferred: keeps `fab -l` fast
 
     loader = yaml.SafeLoader(_spec_text(path))
     try:
         root = loader.get_single_node()
-        return {} if root is None else _spec_data(path, loader, root)
+        return {} if root is None else _spec_data(path, loader, root, warn or _say_once)
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: an int of over 4300 digits
         raise UsageError(path, f"cannot read spec: {exc}") from None
     finally:
@@ -115,23 +135,33 @@ def _spec_text(path: str) -> str:
         raise UsageError(path, f"not a text YAML file: byte {exc.start} is not UTF-8 (is it the right file?)") from None
 
 
-def _spec_data(path: str, loader: Any, root: Any) -> dict[str, Any]:
+def _spec_data(path: str, loader: Any, root: Any, warn: Callable[[str], None]) -> dict[str, Any]:
     """The options a spec's top-level YAML node sets, each checked against its kind."""
     if root.id != "mapping":
         if root.tag == _YAML + "null":  # a file holding only `~` or `null` sets nothing, like an empty one
             return {}
         raise UsageError(path, "a spec must be a mapping of option names to values")
+    pairs = _mapping(path, loader, root, "")
+    lines = {key: line for key, line, _ in pairs}
+    for old, new in _ALIASES.items():
+        if old in lines and new in lines:
+            raise UsageError(f"{path}: key {new!r}",
+                             f"given twice, as {old!r} on line {lines[old]} and as {new!r} on line {lines[new]} "
+                             f"({old!r} is the deprecated spelling of {new!r}): keep only {new!r}")
     data: dict[str, Any] = {}
-    for key, node in _mapping(path, loader, root, ""):
-        if key not in _KINDS:
+    for key, _, node in pairs:
+        if key in _ALIASES:
+            warn(f"fablaunch: {path}: key {key!r} is deprecated, write {_ALIASES[key]!r}")
+        elif key not in _KINDS:
             known = ", ".join(sorted(_KINDS))
             raise UsageError(f"{path}: key {key!r}", f"unknown key (known keys: {known})")
-        data[key] = _option(path, loader, key, node)
+        key_now = _ALIASES.get(key, key)
+        data[_FIELDS.get(key_now, key_now)] = _option(path, loader, key, node)
     return data
 
 
-def _mapping(path: str, loader: Any, node: Any, prefix: str) -> list[tuple[str, Any]]:
-    """A YAML mapping's (key, value node) pairs: string keys only, none given twice.
+def _mapping(path: str, loader: Any, node: Any, prefix: str) -> list[tuple[str, int, Any]]:
+    """A YAML mapping's (key, line of the key, value node) triples: string keys only, none given twice.
 
     The safe loader would keep the last of two equal keys without a word; `<<` merges still work,
     and a key written in the mapping itself overrides a merged one, as YAML says.
@@ -146,7 +176,8 @@ def _mapping(path: str, loader: Any, node: Any, prefix: str) -> list[tuple[str, 
                              f"given twice, on lines {first[key]} and {line} (YAML would silently keep the last)")
         first[key] = line
     loader.flatten_mapping(node)
-    return list({_key(path, loader, k, prefix): v for k, v in node.value}.items())
+    pairs = {_key(path, loader, k, prefix): (k.start_mark.line + 1, v) for k, v in node.value}
+    return [(key, line, value) for key, (line, value) in pairs.items()]
 
 
 def _key(path: str, loader: Any, node: Any, prefix: str) -> str:
@@ -183,7 +214,7 @@ def _option(path: str, loader: Any, key: str, node: Any) -> Any:
             check_secret_names(where, words)
         return words
     value = loader.construct_object(node, deep=True)
-    kinds = _KINDS[key]
+    kinds = _KINDS[_ALIASES.get(key, key)]
     if not isinstance(value, kinds) or isinstance(value, bool):
         wanted = " or ".join(_KIND_NAMES[k] for k in kinds)
         raise UsageError(where, f"must be {wanted}, not {type(value).__name__}")
@@ -209,7 +240,7 @@ def _word(where: str, node: Any) -> str:
 def _env(path: str, loader: Any, node: Any) -> dict[str, str]:
     """The `env:` mapping: string keys and string values only, each variable checked."""
     env = {}
-    for key, value_node in _mapping(path, loader, node, "env."):
+    for key, _, value_node in _mapping(path, loader, node, "env."):
         where = f"{path}: key 'env.{key}'"
         env[key] = _env_value(where, loader, value_node)
         check_env_var(where, key, env[key])

@@ -30,12 +30,12 @@ from fablaunch import ui
 from fablaunch.errors import UsageError
 from fablaunch.executor import REMOTE_SHELL, Executor, Outcome
 from fablaunch.hostfile import Host
+from fablaunch.launcher import make_plan
 from fablaunch.plan import Plan
 from fablaunch.scripts import job_exists, port_in_use, python_found, sh
 from fablaunch.spec import DEFAULT_PORT, JobSpec, build_spec, default_python, read_spec
 
 from .flags import int_flag, parallel_flag, task, usage_errors
-from .launch import make_plan
 
 # Columns of the table and keys of --json, in this order.
 CHECKS = ("ssh", "tmux", "workdir", "python", "torch", "cuda", "nccl", "gpus", "port", "tcp", "clock", "nofile",

@@ -27,11 +27,12 @@ from invoke import Exit
 from fablaunch import ui
 from fablaunch.executor import REMOTE_SHELL, Executor
 from fablaunch.hostfile import Host
+from fablaunch.jobs import latest_job, targets
 from fablaunch.scripts import sh, tagged_pids
 from fablaunch.survey import SEP, as_int, sections
 
 from .flags import int_flag, parallel_flag, task, usage_errors
-from .jobs import TARGET_HELP, latest_job, targets
+from .jobs import TARGET_HELP
 
 SPY_TIMEOUT = 60  # seconds per process; a process in uninterruptible sleep can stall py-spy
 INSTALL_HINT = "install it there with `pip install py-spy` (into the job's environment or anywhere on the PATH)"

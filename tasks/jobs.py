@@ -11,18 +11,16 @@ import contextlib
 import json
 import os
 import sys
-import threading
-import time
-from pathlib import Path
 from typing import Any
 
 from invoke import Exit
 
 from fablaunch import failures, records, survey, ui
-from fablaunch.errors import UsageError
-from fablaunch.executor import REMOTE_SHELL, Executor, Outcome
-from fablaunch.hostfile import Host, parse_host, read_gpus, read_hosts
-from fablaunch.scripts import kill_payload, sh
+from fablaunch.errors import JobNotFound, UsageError
+from fablaunch.executor import Executor
+from fablaunch.hostfile import Host, parse_host
+from fablaunch.jobs import Survey, latest_job, order, show_logs, stop_job, take_survey, targets, watch, who
+from fablaunch.scripts import sh
 from fablaunch.spec import DEFAULT_PARALLEL, check_job_name
 from fablaunch.survey import SessionState
 
@@ -34,68 +32,6 @@ TARGET_HELP = {
     "gpus": "A gpus file naming hosts to ask (default ./gpus, if present, and the launch records' hosts).",
     "parallel": "Hosts contacted at once (default 32).",
 }
-
-
-def targets(job: str | None, hosts: str | None, gpus: str | None) -> list[Host]:
-    """The hosts to ask: those of the launch records here, plus those of the host files.
-
-    Explicit files must exist; the default ./hosts and ./gpus are used when present. Without any
-    of these there is nothing to ask, which is a usage error.
-    """
-    if job is not None:  # `--job ''` (an empty $JOB in a script) must never mean "every job"
-        check_job_name(job, "--job")
-    found: dict[str, Host] = {}
-    recs = [r for r in [records.load(job)] if r] if job is not None else records.load_all()
-    for rec in recs:
-        for spec in rec.get("hosts", []):
-            found.setdefault(spec, parse_host(spec, f"launch record of {rec['job']}"))
-    for given, default, reader in ((hosts, "hosts", read_hosts), (gpus, "gpus", read_gpus)):
-        path = Path(given or default)
-        if given or path.exists():
-            for host in reader(path):
-                found.setdefault(host.spec, host)
-    if not found:
-        raise UsageError("--hosts/--gpus", "no host files here and no launch records: name the hosts to ask")
-    return list(found.values())
-
-
-class Survey:
-    """The states of every session on the target hosts, plus the hosts that did not answer."""
-
-    def __init__(self, states: list[SessionState], unreachable: dict[str, str]) -> None:
-        self.states = states
-        self.unreachable = unreachable
-
-    def jobs(self) -> dict[str, list[SessionState]]:
-        jobs: dict[str, list[SessionState]] = {}
-        for state in sorted(self.states, key=_order):
-            jobs.setdefault(state.job, []).append(state)
-        return jobs
-
-
-def _order(s: SessionState) -> tuple[str, int, int]:
-    return (s.launched, s.rank if s.rank is not None else -1, s.node if s.node is not None else -1)
-
-
-def take_survey(ex: Executor, hosts: list[Host], job: str | None) -> Survey:
-    """Ask every host what its sessions are doing; unreachable hosts' recorded sessions are `unknown`."""
-    outcomes = ex.run({h: (REMOTE_SHELL, survey.payload(h, job)) for h in hosts})
-    states: list[SessionState] = []
-    unreachable: dict[str, str] = {}
-    for host in hosts:
-        outcome = outcomes[host.spec]
-        if outcome.ok:
-            states += survey.parse(host, outcome.stdout)
-            continue
-        unreachable[host.spec] = outcome.why()
-        recs = [r for r in [records.load(job)] if r] if job is not None else records.load_all()
-        for rec in recs:
-            for s in rec.get("sessions", []):
-                if s["host"] == host.spec:
-                    states.append(SessionState(rec["job"], rec["mode"], host.spec, s["session"],
-                                               s["rank"] if rec["mode"] == "gpus" else None, s["node"], "unknown",
-                                               log=s["log"], launched=rec.get("launched", "")))
-    return Survey(states, unreachable)
 
 
 def _age(seconds: float | None) -> str:
@@ -126,8 +62,6 @@ def describe_end(s: SessionState) -> str:
     return "exit 0" if s.state == "succeeded" else ""
 
 
-def who(s: SessionState) -> str:
-    return f"rank {s.rank}" if s.rank is not None else f"node {s.node}"
 
 
 def job_table(job: str, states: list[SessionState]) -> ui.TableSpec:
@@ -192,109 +126,11 @@ def status(c, job=None, hosts=None, gpus=None, json_=False, parallel=None):
     with Executor(c.config, parallel_flag(parallel), deadline=20) as ex:
         result = take_survey(ex, host_list, job)
     if json_:
-        print(json.dumps([s.as_json() for s in sorted(result.states, key=_order)], indent=2))
+        print(json.dumps([s.as_json() for s in sorted(result.states, key=order)], indent=2))
     else:
         report(result)
     if result.unreachable:
         raise Exit(f"fablaunch: unreachable: {', '.join(result.unreachable)}", code=1)
-
-
-def latest_job(ex: Executor, hosts: list[Host]) -> str:
-    """The most recently launched job: from the records here, else from the hosts."""
-    recs = records.load_all()
-    if recs:
-        return recs[-1]["job"]
-    states = take_survey(ex, hosts, None).states
-    if not states:
-        raise UsageError("--job", "no launch records here and no jobs found on the hosts")
-    return max(states, key=lambda s: s.launched).job
-
-
-def logs_payload(states: list[SessionState], lines: int, follow: bool, job: str) -> str:
-    """Print (or follow) a host's logs, each line prefixed with its file's key and a tab."""
-    files = []
-    for s in states:
-        files.append((s.session, s.log))
-        if s.mode == "torchrun":
-            files.append((f"{s.session}/", s.log.removesuffix(".log") + ".torchrun/*/attempt_*/*/std*.log"))
-    emit = ["emit() { sed -u \"s|^|$1\t|\"; }"]
-    if not follow:
-        body = []
-        for key, path in files:
-            glob = path.endswith("std*.log")
-            target = f"{sh(path.split('*')[0])}{path[len(path.split('*')[0]):]}" if glob else sh(path)
-            body.append(f"for f in {target}; do [ -f \"$f\" ] && tail -n {lines} \"$f\" | "
-                        f"emit {sh(key)}\"${{f#{sh(path.split('*')[0]) if glob else sh(path)}}}\"; done")
-        return "\n".join([*emit, *body, ""])
-    # Follow: tail every file (picking up torchrun's per-rank files as they appear), send a heartbeat so
-    # a closed connection is noticed, and stop once this host has no live session of the job.
-    body = ["declare -A seen; pids=''", "cleanup() { [ -z \"$pids\" ] || kill $pids 2>/dev/null; }",
-            "trap 'cleanup; exit 0' EXIT HUP INT TERM PIPE", "while :; do"]
-    for key, path in files:
-        prefix = path.split("*")[0]
-        target = f"{sh(prefix)}{path[len(prefix):]}"
-        body += [f"  for f in {target}; do",
-                 "    [ -f \"$f\" ] && [ -z \"${seen[$f]:-}\" ] || continue; seen[$f]=1",
-                 # tail itself must be the background job ($!): killing only its reader would leave
-                 # tail waiting forever on a log that no longer grows.
-                 f"    tail -n {lines} -F \"$f\" 2>/dev/null > >(emit {sh(key)}\"${{f#{sh(prefix)}}}\") &",
-                 "    pids=\"$pids $!\"",
-                 "  done"]
-    from fablaunch.tmux import list_command
-
-    body += [f"  {list_command(job)} | grep -q . || {{ sleep 1; exit 0; }}",
-             f"  printf '{survey.SEP}\\n' || exit 0", "  sleep 1", "done"]
-    return "\n".join([*emit, *body, ""])
-
-
-class LinePrinter:
-    """Prints `[host who] line` for keyed lines from many hosts at once, one whole line at a time."""
-
-    def __init__(self, states: list[SessionState]) -> None:
-        self.who = {s.session: (s.host, who(s)) for s in states}
-        self.lock = threading.Lock()
-
-    def __call__(self, line: str) -> None:
-        if line.startswith(survey.SEP) or "\t" not in line:
-            return
-        key, _, text = line.partition("\t")
-        session, _, sub = key.partition("/")
-        host, name = self.who.get(session, ("?", session))
-        if sub:  # torchrun worker file: attempt_0/1/stderr.log -> worker 1 stderr
-            parts = sub.split("/")
-            name += f" worker {parts[-2]} {parts[-1].removesuffix('.log')}" if len(parts) >= 2 else f" {sub}"
-        with self.lock:
-            sys.stdout.write(f"[{host} {name}] {text.rstrip(chr(10))}\n")
-            sys.stdout.flush()
-
-
-def show_logs(ex: Executor, hosts: list[Host], job: str, ranks: list[int], only_hosts: list[str], lines: int,
-              follow: bool) -> None:
-    """Print (or follow) the logs of a job's selected sessions from every host at once."""
-    result = take_survey(ex, hosts, job)
-    states = [s for s in result.states if s.job == job and s.state != "unknown"
-              and (not ranks or (s.rank if s.rank is not None else s.node) in ranks)
-              and (not only_hosts or s.host in only_hosts)]
-    if not states:
-        raise UsageError("--job", f"no logs of job {job} found on the hosts"
-                         + (f" (unreachable: {', '.join(result.unreachable)})" if result.unreachable else ""))
-    printer = LinePrinter(states)
-    by_host = {h.spec: h for h in hosts}
-    per_host: dict[str, list[SessionState]] = {}
-    for s in states:
-        per_host.setdefault(s.host, []).append(s)
-
-    def one(spec: str) -> Outcome:
-        return ex.run_one(by_host[spec], REMOTE_SHELL, logs_payload(per_host[spec], lines, follow, job), printer)
-
-    threads = [threading.Thread(target=one, args=(spec,), daemon=True) for spec in per_host]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():
-            t.join(0.2)
-    for host, why in result.unreachable.items():
-        ui.say(f"{host}: unreachable ({why}); its logs are not shown", "red", stderr=True)
 
 
 @task(
@@ -315,8 +151,14 @@ def logs(c, job=None, rank=None, host=None, tail=None, follow=False, hosts=None,
     ranks = [int_flag(r, "--rank") for r in rank or []]
     with Executor(c.config, parallel_flag(parallel), deadline=20, patient=follow) as ex, \
             contextlib.suppress(KeyboardInterrupt):
-        show_logs(ex, host_list, job or latest_job(ex, host_list), ranks, list(host or []),
-                  int_flag(tail, "--tail", 50) or 0, follow)
+        unreachable = show_logs(ex, host_list, job or latest_job(ex, host_list), ranks, list(host or []),
+                                int_flag(tail, "--tail", 50) or 0, follow)
+    say_unreachable(unreachable)
+
+
+def say_unreachable(unreachable: dict[str, str]) -> None:
+    for name, why in unreachable.items():
+        ui.say(f"{name}: unreachable ({why}); its logs are not shown", "red", stderr=True)
 
 
 @task(help={"job": "Job name (default: the job launched last from here).",
@@ -361,28 +203,6 @@ def attach(c, rank=None, host=None, job=None, hosts=None, gpus=None):
             argv += ["-i", key]
         argv += [*(["-p", str(h.port)] if h.port else []), *(["-l", h.user] if h.user else []), h.name, tmux_cmd]
     os.execvp(argv[0], argv)
-
-
-def stop_job(ex: Executor, hosts: list[Host], job: str | None, grace: float) -> tuple[list[tuple[Any, ...]], int]:
-    """Stop a job (or all jobs) on every host; return table rows and how many hosts are not clean."""
-    outcomes = ex.run({h: (REMOTE_SHELL, kill_payload(job, h, grace)) for h in hosts})
-    rows: list[tuple[Any, ...]] = []
-    bad = 0
-    for host in hosts:
-        o = outcomes[host.spec]
-        fields = dict(f.split("=", 1) for f in o.stdout.split() if "=" in f) if o.ok else {}
-        if not o.ok or "left" not in fields:
-            rows.append((host.spec, "", "", "", f"unreachable: {o.why()}" if not o.reached else o.why()))
-            bad += 1
-            continue
-        found, left, sessions = int(fields["found"]), int(fields["left"]), int(fields["sessions"])
-        if left:
-            result = f"{ui.plural(left, 'process')} survived SIGKILL"
-            bad += 1
-        else:
-            result = "stopped" if found or sessions else "nothing to stop"
-        rows.append((host.spec, fields.get("jobs", ""), found, sessions, result))
-    return rows, bad
 
 
 STOP_LOCK_WAIT = 300.0  # seconds a stop waits for a launch of the same job from this project to finish
@@ -477,56 +297,30 @@ def _report_stop(what: str, rows: list[tuple[Any, ...]], bad: int) -> None:
         raise Exit(f"fablaunch: {ui.plural(bad, 'host')} not verified clean", code=1)
 
 
-def exit_code_of(failure: SessionState) -> int:
-    """The exit code `wait` gives for a failed job: the rank's own code, or 1 for a signal."""
-    return failure.exit_code if failure.state == "failed" and failure.exit_code else 1
-
-
 def wait_for(c: Any, ex: Executor, hosts: list[Host], job: str, timeout: float | None, fail_fast: bool,
              interval: float = 2.0) -> int:
-    """Watch a job live until every session ended; return the exit code `fab wait` should give."""
-    start = time.monotonic()
-    first = take_survey(ex, hosts, job)
-    if not any(s.job == job for s in first.states):
-        where = ui.plural(len(hosts), "host")
-        if first.unreachable:
-            where += f"; unreachable: {', '.join(first.unreachable)}"
-            raise Exit(f"fablaunch: job {job} not found on the reachable hosts ({where})", code=1)
-        raise UsageError("--job", f"no job {job} on the hosts ({where}); `fab status` lists the jobs there")
-    result = first
+    """Watch a job live until every session ended; print how it ended; return the exit code `fab wait` gives."""
+
+    def stopping(failure: SessionState) -> None:
+        live.stop()
+        ui.say(f"{who(failure)} on {failure.host} failed ({describe_end(failure)}): stopping the rest "
+               "(--fail-fast).", "red", stderr=True)
+
     with ui.live(stderr=True) as live:  # shows nothing where stderr is not a terminal
-        while True:
-            states = [s for s in result.states if s.job == job]
-            if states:
-                live.update(job_table(job, states), refresh=True)
-            running = [s for s in states if s.state in ("running", "unknown")]
-            failure = survey.first_failure(states)
-            if failure and fail_fast and running:
-                live.stop()
-                ui.say(f"{who(failure)} on {failure.host} failed ({describe_end(failure)}): stopping the rest "
-                       "(--fail-fast).", "red", stderr=True)
-                stop_job(ex, hosts, job, 10.0)
-                result = take_survey(ex, hosts, job)
-                states = [s for s in result.states if s.job == job]
-                break
-            if states and not running:
-                break
-            if timeout is not None and time.monotonic() - start > timeout:
-                live.stop()
-                if states:
-                    ui.emit_table(job_table(job, states))
-                ui.say(f"Timed out after {timeout:g}s; job {job} keeps running.", "yellow")
-                return 124
-            time.sleep(interval)
-            result = take_survey(ex, hosts, job)
-    ui.emit_table(job_table(job, states))
+        try:
+            code, states = watch(ex, hosts, job, timeout, fail_fast, interval,
+                                 on_update=lambda states: live.update(job_table(job, states), refresh=True),
+                                 on_fail_fast=stopping)
+        except JobNotFound as exc:
+            raise Exit(f"fablaunch: {exc}", code=1) from None
+    if states:
+        ui.emit_table(job_table(job, states))
+    if code == 124:
+        ui.say(f"Timed out after {timeout:g}s; job {job} keeps running.", "yellow")
+        return code
     for line in summary(job, states):
         ui.say(line)
-    lost = [s for s in states if s.state == "lost"]
-    failure = survey.first_failure(states)
-    if failure:
-        return exit_code_of(failure)
-    return 1 if lost else 0
+    return code
 
 
 @task(help={"job": "Job name (default: the job launched last from here).",

@@ -16,11 +16,12 @@ from invoke import Exit
 from fablaunch import records, ui
 from fablaunch.executor import REMOTE_SHELL, Executor
 from fablaunch.hostfile import Host
+from fablaunch.jobs import take_survey, targets
 from fablaunch.scripts import prune_payload
 from fablaunch.survey import SessionState
 
 from .flags import age_flag, parallel_flag, task, usage_errors
-from .jobs import TARGET_HELP, take_survey, targets
+from .jobs import TARGET_HELP
 
 ENDED = frozenset({"succeeded", "failed", "killed", "lost"})
 

@@ -23,12 +23,13 @@ from fablaunch import survey, ui
 from fablaunch.errors import UsageError
 from fablaunch.executor import REMOTE_SHELL, Executor, Outcome
 from fablaunch.hostfile import Host
+from fablaunch.jobs import targets
 from fablaunch.plan import JOBS_DIR, RemotePath
 from fablaunch.scripts import sh
 from fablaunch.survey import SessionState
 
 from .flags import parallel_flag, seconds_flag, task, usage_errors
-from .jobs import TARGET_HELP, targets
+from .jobs import TARGET_HELP
 
 SEP = survey.SEP
 GPU_FIELDS = ("index", "uuid", "utilization.gpu", "power.draw", "power.limit", "memory.used", "memory.total")

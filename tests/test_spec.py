@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 from fablaunch.errors import UsageError
 from fablaunch.hostfile import MAX_SLOTS
 from fablaunch.spec import (
+    _KINDS,
     DEFAULT_PARALLEL,
     DEFAULT_PORT,
     MAX_PARALLEL,
@@ -46,7 +49,7 @@ def test_no_spec_and_no_flags_gives_the_defaults() -> None:
 
 def test_spec_file_sets_every_option(tmp_path: Path) -> None:
     path = spec_file(tmp_path, """
-name: bert
+job: bert
 command: [train.py, --epochs, 3]
 hosts: cluster/hosts
 gpus: cluster/gpus
@@ -89,6 +92,7 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
     ("command: 5", "command"),
     ("parallel: true", "parallel"),
     ("port: 5001.5", "port"),
+    ("job: 12", "job"),
     ("name: 12", "name"),
     ("torchrun_args: --foo", "torchrun_args"),
     ("max_restarts: yes", "max_restarts"),
@@ -144,7 +148,7 @@ def test_command_string_with_unbalanced_quote_is_a_usage_error(tmp_path: Path) -
 
 
 def test_flags_override_the_spec_and_none_keeps_it(tmp_path: Path) -> None:
-    path = spec_file(tmp_path, "command: [train.py]\nport: 6100\nparallel: 4\nname: fromspec\npython: /spec/python\n")
+    path = spec_file(tmp_path, "command: [train.py]\nport: 6100\nparallel: 4\njob: fromspec\npython: /spec/python\n")
     spec = build_spec(path, [], port=7000, name="fromflag", parallel=None, python=None, workdir=None)
     assert spec.port == 7000
     assert spec.name == "fromflag"
@@ -448,7 +452,8 @@ def test_nproc_per_node_in_a_non_decimal_form_is_refused(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(("text", "key", "lines"), [
-    ("command: [a.py]\nport: 6000\nname: x\nport: 6001\n", "port", (2, 4)),
+    ("command: [a.py]\nport: 6000\njob: x\nport: 6001\n", "port", (2, 4)),
+    ("job: a\ncommand: [a.py]\njob: b\n", "job", (1, 3)),
     ("env:\n  A: x\n  B: y\n  A: z\n", "env.A", (2, 4)),
     ("env: {A: x, 'A': y}\n", "env.A", (1, 1)),
     ("env:\n  A: x\nenv:\n  B: y\n", "env", (1, 3)),
@@ -604,3 +609,100 @@ def test_parallel_is_capped(tmp_path: Path) -> None:
 def test_nproc_per_node_is_ascii_digits_up_to_the_slots_cap(nproc: str) -> None:
     with pytest.raises(UsageError, match="--nproc-per-node"):
         build_spec(None, CMD, nproc_per_node=nproc)
+
+
+# --- the job name's key: `job`, and `name` deprecated ------------------------------------------------------
+
+
+def test_job_key_names_the_job_without_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = spec_file(tmp_path, "job: bert\ncommand: [train.py]\n")
+    warnings: list[str] = []
+    assert read_spec(path, warn=warnings.append) == {"name": "bert", "command": ["train.py"]}
+    assert warnings == []
+    assert build_spec(path, []).name == "bert"
+    assert capsys.readouterr().err == ""
+
+
+def test_deprecated_name_key_still_names_the_job_with_one_warning(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path = spec_file(tmp_path, "name: bert\ncommand: [train.py]\n")
+    warnings: list[str] = []
+    assert read_spec(path, warn=warnings.append) == {"name": "bert", "command": ["train.py"]}
+    assert warnings == [f"fablaunch: {path}: key 'name' is deprecated, write 'job'"]
+    assert build_spec(path, []).name == "bert"
+    assert build_spec(path, []).name == "bert"  # read twice (fab doctor does): warned once
+    assert capsys.readouterr().err.splitlines() == [f"fablaunch: {path}: key 'name' is deprecated, write 'job'"]
+
+
+def test_the_job_flag_overrides_a_deprecated_name_key(tmp_path: Path) -> None:
+    path = spec_file(tmp_path, "name: fromspec\ncommand: [train.py]\n")
+    assert build_spec(path, [], name="fromflag").name == "fromflag"
+
+
+def test_a_bad_name_under_the_deprecated_key_is_still_checked(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not a valid job name"):
+        build_spec(spec_file(tmp_path, "name: my.job\n"), CMD)
+    with pytest.raises(UsageError, match="not a valid job name"):
+        build_spec(spec_file(tmp_path, "job: my.job\n"), CMD)
+
+
+@pytest.mark.parametrize(("text", "lines"), [
+    ("name: a\ncommand: [train.py]\njob: b\n", (1, 3)),
+    ("job: b\nname: a\n", (2, 1)),
+])
+def test_name_and_job_both_given_is_refused_naming_both_lines(tmp_path: Path, text: str,
+                                                              lines: tuple[int, int]) -> None:
+    path = spec_file(tmp_path, text)
+    warnings: list[str] = []
+    with pytest.raises(UsageError) as info:
+        read_spec(path, warn=warnings.append)
+    assert info.value.where == f"{path}: key 'job'"
+    assert f"given twice, as 'name' on line {lines[0]} and as 'job' on line {lines[1]}" in info.value.problem
+    assert "keep only 'job'" in info.value.problem
+    assert warnings == []
+
+
+def test_name_merged_in_beside_job_is_refused_too(tmp_path: Path) -> None:
+    path = spec_file(tmp_path, "<<: {name: a}\njob: b\n")
+    with pytest.raises(UsageError, match="given twice, as 'name' on line 1 and as 'job' on line 2"):
+        read_spec(path, warn=lambda _: None)
+
+
+def test_unknown_key_lists_job_not_the_deprecated_name(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as info:
+        read_spec(spec_file(tmp_path, "jobname: x\n"))
+    known = info.value.problem.split("known keys: ")[1]
+    assert "job" in known.split(", ") and "name" not in known.split(", ")
+
+
+# --- the README's "Job spec" section -----------------------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_spec_section() -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index("\n### Job spec\n")
+    end = re.compile(r"^#{1,3} ", re.M).search(text, start + len("\n### Job spec\n"))
+    return text[start:end.start() if end else len(text)]
+
+
+def test_the_readme_documents_every_spec_key() -> None:
+    section = readme_spec_section()
+    table_keys = re.findall(r"^\| `(\w+)` \|", section, re.M)
+    assert sorted(table_keys) == sorted(_KINDS)
+    assert "`name:`" in section and "deprecated" in section
+
+
+def test_the_readme_example_spec_is_complete_and_valid(tmp_path: Path) -> None:
+    match = re.search(r"```yaml\n(.*?)```", readme_spec_section(), re.S)
+    assert match, "no ```yaml block in the README's Job spec section"
+    path = spec_file(tmp_path, match.group(1))
+    warnings: list[str] = []
+    data = read_spec(path, warn=warnings.append)
+    assert warnings == []
+    assert sorted(data) == sorted(f.name for f in fields(JobSpec))  # every option, `job:` as `name`
+    spec = build_spec(path, [])
+    assert spec.name == "bert-large"
+    assert spec.env["LR_SCALE"] == "1.10" and spec.env["DETERMINISTIC"] == "on"
+    assert build_spec(path, [], port=6200, env={"NCCL_DEBUG": "WARN"}).env["NCCL_DEBUG"] == "WARN"

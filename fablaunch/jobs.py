@@ -1,0 +1,272 @@
+"""A job's sessions on its hosts: find the hosts, survey them, follow logs, stop, wait for the end.
+
+Everything asks the hosts, not the local launch record: the record only says which hosts to ask, so
+a second machine with just the host files sees and stops the same jobs. Hosts are asked in parallel,
+one round trip each; a host that does not answer is reported by name, never a traceback. The `fab`
+tasks and the Python API both stand on these functions.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import records, survey, ui
+from .errors import JobNotFound, UsageError
+from .executor import REMOTE_SHELL, Executor, Outcome
+from .hostfile import Host, parse_host, read_gpus, read_hosts
+from .scripts import kill_payload, sh
+from .spec import check_job_name
+from .survey import SessionState
+
+
+def targets(job: str | None, hosts: str | None, gpus: str | None) -> list[Host]:
+    """The hosts to ask: those of the launch records here, plus those of the host files.
+
+    Explicit files must exist; the default ./hosts and ./gpus are used when present. Without any
+    of these there is nothing to ask, which is a usage error.
+    """
+    if job is not None:  # `--job ''` (an empty $JOB in a script) must never mean "every job"
+        check_job_name(job, "--job")
+    found: dict[str, Host] = {}
+    recs = [r for r in [records.load(job)] if r] if job is not None else records.load_all()
+    for rec in recs:
+        for spec in rec.get("hosts", []):
+            found.setdefault(spec, parse_host(spec, f"launch record of {rec['job']}"))
+    for given, default, reader in ((hosts, "hosts", read_hosts), (gpus, "gpus", read_gpus)):
+        path = Path(given or default)
+        if given or path.exists():
+            for host in reader(path):
+                found.setdefault(host.spec, host)
+    if not found:
+        raise UsageError("--hosts/--gpus", "no host files here and no launch records: name the hosts to ask")
+    return list(found.values())
+
+
+class Survey:
+    """The states of every session on the target hosts, plus the hosts that did not answer."""
+
+    def __init__(self, states: list[SessionState], unreachable: dict[str, str]) -> None:
+        self.states = states
+        self.unreachable = unreachable
+
+    def jobs(self) -> dict[str, list[SessionState]]:
+        jobs: dict[str, list[SessionState]] = {}
+        for state in sorted(self.states, key=order):
+            jobs.setdefault(state.job, []).append(state)
+        return jobs
+
+
+def order(s: SessionState) -> tuple[str, int, int]:
+    return (s.launched, s.rank if s.rank is not None else -1, s.node if s.node is not None else -1)
+
+
+def take_survey(ex: Executor, hosts: list[Host], job: str | None) -> Survey:
+    """Ask every host what its sessions are doing; unreachable hosts' recorded sessions are `unknown`."""
+    outcomes = ex.run({h: (REMOTE_SHELL, survey.payload(h, job)) for h in hosts})
+    states: list[SessionState] = []
+    unreachable: dict[str, str] = {}
+    for host in hosts:
+        outcome = outcomes[host.spec]
+        if outcome.ok:
+            states += survey.parse(host, outcome.stdout)
+            continue
+        unreachable[host.spec] = outcome.why()
+        recs = [r for r in [records.load(job)] if r] if job is not None else records.load_all()
+        for rec in recs:
+            for s in rec.get("sessions", []):
+                if s["host"] == host.spec:
+                    states.append(SessionState(rec["job"], rec["mode"], host.spec, s["session"],
+                                               s["rank"] if rec["mode"] == "gpus" else None, s["node"], "unknown",
+                                               log=s["log"], launched=rec.get("launched", "")))
+    return Survey(states, unreachable)
+
+
+def latest_job(ex: Executor, hosts: list[Host]) -> str:
+    """The most recently launched job: from the records here, else from the hosts."""
+    recs = records.load_all()
+    if recs:
+        return recs[-1]["job"]
+    states = take_survey(ex, hosts, None).states
+    if not states:
+        raise UsageError("--job", "no launch records here and no jobs found on the hosts")
+    return max(states, key=lambda s: s.launched).job
+
+
+def logs_payload(states: list[SessionState], lines: int, follow: bool, job: str) -> str:
+    """Print (or follow) a host's logs, each line prefixed with its file's key and a tab."""
+    files = []
+    for s in states:
+        files.append((s.session, s.log))
+        if s.mode == "torchrun":
+            files.append((f"{s.session}/", s.log.removesuffix(".log") + ".torchrun/*/attempt_*/*/std*.log"))
+    emit = ["emit() { sed -u \"s|^|$1\t|\"; }"]
+    if not follow:
+        body = []
+        for key, path in files:
+            glob = path.endswith("std*.log")
+            target = f"{sh(path.split('*')[0])}{path[len(path.split('*')[0]):]}" if glob else sh(path)
+            body.append(f"for f in {target}; do [ -f \"$f\" ] && tail -n {lines} \"$f\" | "
+                        f"emit {sh(key)}\"${{f#{sh(path.split('*')[0]) if glob else sh(path)}}}\"; done")
+        return "\n".join([*emit, *body, ""])
+    # Follow: tail every file (picking up torchrun's per-rank files as they appear), send a heartbeat so
+    # a closed connection is noticed, and stop once this host has no live session of the job.
+    body = ["declare -A seen; pids=''", "cleanup() { [ -z \"$pids\" ] || kill $pids 2>/dev/null; }",
+            "trap 'cleanup; exit 0' EXIT HUP INT TERM PIPE", "while :; do"]
+    for key, path in files:
+        prefix = path.split("*")[0]
+        target = f"{sh(prefix)}{path[len(prefix):]}"
+        body += [f"  for f in {target}; do",
+                 "    [ -f \"$f\" ] && [ -z \"${seen[$f]:-}\" ] || continue; seen[$f]=1",
+                 # tail itself must be the background job ($!): killing only its reader would leave
+                 # tail waiting forever on a log that no longer grows.
+                 f"    tail -n {lines} -F \"$f\" 2>/dev/null > >(emit {sh(key)}\"${{f#{sh(prefix)}}}\") &",
+                 "    pids=\"$pids $!\"",
+                 "  done"]
+    from .tmux import list_command
+
+    body += [f"  {list_command(job)} | grep -q . || {{ sleep 1; exit 0; }}",
+             f"  printf '{survey.SEP}\\n' || exit 0", "  sleep 1", "done"]
+    return "\n".join([*emit, *body, ""])
+
+
+class LinePrinter:
+    """Writes `[host who] line` for keyed lines from many hosts at once, one whole line at a time.
+
+    `write` is where the lines go: stdout for `fab logs`, a list for the Python API's `Job.logs`.
+    """
+
+    def __init__(self, states: list[SessionState], write: Callable[[str], Any] | None = None) -> None:
+        self.who = {s.session: (s.host, who(s)) for s in states}
+        self.lock = threading.Lock()
+        self.write = write or _stdout
+
+    def __call__(self, line: str) -> None:
+        if line.startswith(survey.SEP) or "\t" not in line:
+            return
+        key, _, text = line.partition("\t")
+        session, _, sub = key.partition("/")
+        host, name = self.who.get(session, ("?", session))
+        if sub:  # torchrun worker file: attempt_0/1/stderr.log -> worker 1 stderr
+            parts = sub.split("/")
+            name += f" worker {parts[-2]} {parts[-1].removesuffix('.log')}" if len(parts) >= 2 else f" {sub}"
+        with self.lock:
+            self.write(f"[{host} {name}] {text.rstrip(chr(10))}\n")
+
+
+def _stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+
+def show_logs(ex: Executor, hosts: list[Host], job: str, ranks: list[int], only_hosts: list[str], lines: int,
+              follow: bool, write: Callable[[str], Any] | None = None) -> dict[str, str]:
+    """Print (or follow) the logs of a job's selected sessions from every host at once.
+
+    Lines go to `write` (default stdout); returns the hosts that could not be asked, with why.
+    """
+    result = take_survey(ex, hosts, job)
+    states = [s for s in result.states if s.job == job and s.state != "unknown"
+              and (not ranks or (s.rank if s.rank is not None else s.node) in ranks)
+              and (not only_hosts or s.host in only_hosts)]
+    if not states:
+        raise UsageError("--job", f"no logs of job {job} found on the hosts"
+                         + (f" (unreachable: {', '.join(result.unreachable)})" if result.unreachable else ""))
+    printer = LinePrinter(states, write)
+    by_host = {h.spec: h for h in hosts}
+    per_host: dict[str, list[SessionState]] = {}
+    for s in states:
+        per_host.setdefault(s.host, []).append(s)
+
+    def one(spec: str) -> Outcome:
+        return ex.run_one(by_host[spec], REMOTE_SHELL, logs_payload(per_host[spec], lines, follow, job), printer)
+
+    threads = [threading.Thread(target=one, args=(spec,), daemon=True) for spec in per_host]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+    return result.unreachable
+
+
+def stop_job(ex: Executor, hosts: list[Host], job: str | None, grace: float) -> tuple[list[tuple[Any, ...]], int]:
+    """Stop a job (or all jobs) on every host; return rows (host, jobs, processes, sessions, result) and
+    how many hosts are not verified clean."""
+    outcomes = ex.run({h: (REMOTE_SHELL, kill_payload(job, h, grace)) for h in hosts})
+    rows: list[tuple[Any, ...]] = []
+    bad = 0
+    for host in hosts:
+        o = outcomes[host.spec]
+        fields = dict(f.split("=", 1) for f in o.stdout.split() if "=" in f) if o.ok else {}
+        if not o.ok or "left" not in fields:
+            rows.append((host.spec, "", "", "", f"unreachable: {o.why()}" if not o.reached else o.why()))
+            bad += 1
+            continue
+        found, left, sessions = int(fields["found"]), int(fields["left"]), int(fields["sessions"])
+        if left:
+            result = f"{ui.plural(left, 'process')} survived SIGKILL"
+            bad += 1
+        else:
+            result = "stopped" if found or sessions else "nothing to stop"
+        rows.append((host.spec, fields.get("jobs", ""), found, sessions, result))
+    return rows, bad
+
+
+def exit_code_of(failure: SessionState) -> int:
+    """The exit code `wait` gives for a failed job: the rank's own code, or 1 for a signal."""
+    return failure.exit_code if failure.state == "failed" and failure.exit_code else 1
+
+
+def end_code(states: list[SessionState]) -> int:
+    """The exit code `fab wait` gives for a job whose sessions all ended: 0, the first failure's, or 1 if lost."""
+    failure = survey.first_failure(states)
+    if failure:
+        return exit_code_of(failure)
+    return 1 if any(s.state == "lost" for s in states) else 0
+
+
+def watch(ex: Executor, hosts: list[Host], job: str, timeout: float | None = None, fail_fast: bool = False,
+          interval: float = 2.0, on_update: Callable[[list[SessionState]], Any] | None = None,
+          on_fail_fast: Callable[[SessionState], Any] | None = None) -> tuple[int, list[SessionState]]:
+    """Survey a job until every session ended; return (the exit code `fab wait` gives, the last states).
+
+    124 after `timeout` seconds (the job keeps running). With `fail_fast`, the first failure stops
+    the rest of the job at once. A job that is on no host is a UsageError at once, never a wait.
+    """
+    start = time.monotonic()
+    result = take_survey(ex, hosts, job)
+    if not any(s.job == job for s in result.states):
+        where = ui.plural(len(hosts), "host")
+        if result.unreachable:
+            raise JobNotFound(job, f"job {job} not found on the reachable hosts ({where}; unreachable: "
+                                   f"{', '.join(result.unreachable)})")
+        raise UsageError("--job", f"no job {job} on the hosts ({where}); `fab status` lists the jobs there")
+    while True:
+        states = [s for s in result.states if s.job == job]
+        if states and on_update:
+            on_update(states)
+        running = [s for s in states if s.state in ("running", "unknown")]
+        failure = survey.first_failure(states)
+        if failure and fail_fast and running:
+            if on_fail_fast:
+                on_fail_fast(failure)
+            stop_job(ex, hosts, job, 10.0)
+            states = [s for s in take_survey(ex, hosts, job).states if s.job == job]
+            return end_code(states), states
+        if states and not running:
+            return end_code(states), states
+        if timeout is not None and time.monotonic() - start > timeout:
+            return 124, states
+        time.sleep(interval)
+        result = take_survey(ex, hosts, job)
+
+
+def who(s: SessionState) -> str:
+    """`rank N` (per-GPU jobs) or `node K` (torchrun jobs)."""
+    return f"rank {s.rank}" if s.rank is not None else f"node {s.node}"
