@@ -11,6 +11,7 @@ the `fab` tasks and the Python API alike.
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
 import signal
 import threading
@@ -290,8 +291,12 @@ def _refuse_failed(plan: Plan, outcomes: dict[str, Outcome]) -> None:
 
 
 def stop_running(ex: Executor, plan: Plan) -> None:
-    """Stop the running job of this name everywhere (--replace); exit 1 unless verified gone."""
+    """Stop the running job of this name everywhere (--replace), and say so; LaunchError unless verified gone."""
     stopped = rollback(ex, plan, list(plan.hosts))
+    found = {s: int(m.group(1)) for s, o in stopped.items() if (m := re.search(r"found=(\d+)", o.stdout))}
+    if any(found.values()):
+        ui.say(f"--replace: stopped the running job {plan.job}: "
+               + ", ".join(f"{ui.plural(n, 'process')} on {s}" for s, n in found.items() if n), "yellow", stderr=True)
     left = [s for s, o in stopped.items() if not o.ok or " left=0 " not in o.stdout]
     if left:
         raise LaunchError(f"could not stop the running job {plan.job} on {', '.join(left)}")

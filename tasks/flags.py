@@ -45,7 +45,7 @@ def usage_error(exc: UsageError) -> Exit:
 
 
 def usage_errors(fn: Any) -> Any:
-    """Decorate a task so that a UsageError anywhere in it exits 2 with its message."""
+    """Decorate a task so that a UsageError anywhere in it exits 2 with its message, and Ctrl-C exits 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -53,6 +53,8 @@ def usage_errors(fn: Any) -> Any:
             return fn(*args, **kwargs)
         except UsageError as exc:
             raise usage_error(exc) from None
+        except KeyboardInterrupt:  # Ctrl-C: one line and the shell's 130, never a traceback
+            raise Exit("fablaunch: interrupted", code=130) from None
 
     return wrapper
 

@@ -149,8 +149,7 @@ def logs(c, job=None, rank=None, host=None, tail=None, follow=False, hosts=None,
     """
     host_list = targets(job, hosts, gpus)
     ranks = [int_flag(r, "--rank") for r in rank or []]
-    with Executor(c.config, parallel_flag(parallel), deadline=20, patient=follow) as ex, \
-            contextlib.suppress(KeyboardInterrupt):
+    with Executor(c.config, parallel_flag(parallel), deadline=20, patient=follow) as ex:
         unreachable = show_logs(ex, host_list, job or latest_job(ex, host_list), ranks, list(host or []),
                                 int_flag(tail, "--tail", 50) or 0, follow)
     say_unreachable(unreachable)

@@ -18,7 +18,7 @@ from fablaunch.plan import Plan
 from fablaunch.scripts import launch_payload, session_script
 from fablaunch.spec import JobSpec, build_spec, parse_env
 
-from .flags import int_flag, task, usage_error
+from .flags import int_flag, task, usage_error, usage_errors
 
 COMMON_HELP = {
     "job": "Job name (default: the spec's job, else the script's name plus a timestamp).",
@@ -102,14 +102,14 @@ def launch_then(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_fai
     from .jobs import say_unreachable, show_logs, wait_for
 
     hosts = list(plan.hosts)
-    with Executor(c.config, spec.parallel, deadline=20, patient=follow) as ex:
-        if follow:
-            try:
+    try:
+        with Executor(c.config, spec.parallel, deadline=20, patient=follow) as ex:
+            if follow:  # until the job ends, then the same summary and exit code as --wait
                 say_unreachable(show_logs(ex, hosts, plan.job, [], [], 50, True))
-            except KeyboardInterrupt:
-                if not wait:
-                    return
-        code = wait_for(c, ex, hosts, plan.job, None, False) if wait else 0
+            code = wait_for(c, ex, hosts, plan.job, None, False)
+    except KeyboardInterrupt:
+        raise Exit(f"fablaunch: interrupted; job {plan.job} keeps running (fab stop --job {plan.job})",
+                   code=130) from None
     if code:
         raise Exit(code=code)
 
@@ -138,6 +138,7 @@ def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure:
     help={**COMMON_HELP, "gpus": "File listing one host per GPU, in rank order (default ./gpus)."},
     iterable=["env", "secret"],
 )
+@usage_errors
 def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
                 env=None, parallel=None, replace=False, rollback=True, dry_run=False, wait=False, follow=False,
                 preflight=True, secret=None):
@@ -164,6 +165,7 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
     },
     iterable=["env", "secret"],
 )
+@usage_errors
 def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
                     env=None, parallel=None, nproc_per_node=None, max_restarts=None, replace=False, rollback=True,
                     dry_run=False, wait=False, follow=False, preflight=True, secret=None):

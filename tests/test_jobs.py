@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.cluster import Cluster
-from tests.conftest import Fab, alive, live_pids, master_port, sessions, wait_until
+from tests.conftest import FAB, REPO, Fab, alive, live_pids, master_port, sessions, wait_until
 
 JSON_KEYS = {"job", "mode", "host", "session", "rank", "node", "state", "exit_code", "signal", "log"}
 ENDED = {"succeeded", "failed", "killed"}
@@ -349,6 +351,41 @@ def test_launch_with_follow_streams_every_rank_until_the_job_ends(fab: Fab, job:
     # Following leaves nothing behind on the hosts: no `tail -F` waiting on logs that will never grow.
     followers = [p for p in Path("/proc").glob("[0-9]*") if f"/jobs/{job}/" in cmdline(int(p.name))]
     assert wait_until(lambda: not [p for p in followers if alive(int(p.name))], timeout=10)
+
+
+def test_launch_with_follow_ends_with_the_summary_and_exit_code_of_wait(fab: Fab, job: str) -> None:
+    fab.write("gpus", "node1", "node2")
+    result = fab("launch-gpus", "--job", job, "--port", str(master_port()), "--follow", "--env", "DELAY_1=1",
+                 "--", "behave.py", "0=exit:0", "1=exit:4")
+    assert result.returncode == 4, output(result)
+    assert ("node2 rank 1", "rank 1 on node2 does exit 4") in prefixed(result.stdout)
+    assert "first failure: rank 1 " in output(result)
+
+
+def test_ctrl_c_in_wait_exits_130_with_one_line_and_the_job_keeps_running(fab: Fab, job: str) -> None:
+    fab.write("gpus", "node1")
+    launch_gpus(fab, job, "*=sleep")
+    wait_until(lambda: live_pids(job), timeout=30)
+    proc = subprocess.Popen([FAB, "-r", str(REPO), "-S", str(fab.ssh_config), "wait", "--job", job], cwd=fab.cwd,
+                            env=fab.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip() == "fablaunch: interrupted", err
+    assert live_pids(job)
+
+
+def test_replace_says_what_it_stopped(fab: Fab, job: str) -> None:
+    fab.write("gpus", "node1", "node2")
+    launch_gpus(fab, job, "*=sleep")
+    wait_until(lambda: len(live_pids(job)) >= 4, timeout=30)
+    again = ok(fab("launch-gpus", "--job", job, "--port", str(master_port()), "--replace", "--", "behave.py",
+                   "*=sleep"))
+    assert f"--replace: stopped the running job {job}: 2 processes on node1, 2 processes on node2" in output(again)
 
 
 # --- errors: the first failure is the root cause -------------------------------------------------------------
