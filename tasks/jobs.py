@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from invoke import Exit
@@ -103,32 +104,65 @@ def summary(job: str, states: list[SessionState]) -> list[str]:
     return lines
 
 
-def report(result: Survey) -> None:
-    for job, states in result.jobs().items():
+FOLD_AFTER = 86400.0  # finished jobs that ended longer ago than this are folded into one line
+ENDED = frozenset({"succeeded", "failed", "killed", "lost"})
+
+
+def ended_before(states: list[SessionState], cutoff: float) -> bool:
+    """Whether every session of a job has ended, the last of them before `cutoff`."""
+    ends = [s.ended or s.started or 0.0 for s in states]
+    return all(s.state in ENDED for s in states) and max(ends, default=0.0) < cutoff
+
+
+def report(result: Survey, only: set[str] | None = None, fold: bool = False, now: float | None = None) -> None:
+    """Print each job, newest first: `only` these jobs (None: all), finished ones older than a day as one line."""
+    jobs = sorted(result.jobs().items(), key=lambda item: item[1][0].launched, reverse=True)
+    others = [job for job, _ in jobs if only is not None and job not in only]
+    folded = []
+    cutoff = (now if now is not None else time.time()) - FOLD_AFTER
+    for job, states in jobs:
+        if job in others:
+            continue
+        if fold and ended_before(states, cutoff):
+            folded.append(job)
+            continue
         ui.emit_table(job_table(job, states))
         for i, line in enumerate(summary(job, states)):
             ui.say(line, style="bold" if i == 0 else None)
+    if folded:
+        ui.say(f"{ui.plural(len(folded), 'finished job')} older than a day: {', '.join(folded[:8])}"
+               f"{', ...' if len(folded) > 8 else ''} (fab status --all shows them; fab prune forgets them)")
+    if others:
+        ui.say(f"{ui.plural(len(others), 'other job')} on these hosts, not launched from this directory: "
+               f"{', '.join(others[:8])}{', ...' if len(others) > 8 else ''} (fab status --all shows them)")
     for host, why in result.unreachable.items():
         ui.say(f"{host}: unreachable ({why}); its sessions are unknown", "red")
     if not result.states and not result.unreachable:
         ui.say("No jobs of fablaunch found on the hosts.")
 
 
-@task(help={**TARGET_HELP, "json": "Print a JSON list, one object per session, instead of tables."})
+@task(help={**TARGET_HELP, "json": "Print a JSON list, one object per session, instead of tables.",
+            "job": "Job name (default: the jobs launched from this directory, newest first).",
+            "all": "Every job on the hosts, other projects' and long-finished ones too."})
 @usage_errors
-def status(c, job=None, hosts=None, gpus=None, json_=False, parallel=None):
-    """Show every session of a job (or of all jobs): state, exit code or signal, run time, last log line.
+def status(c, job=None, hosts=None, gpus=None, json_=False, parallel=None, all_=False):
+    """Show every session of this project's jobs (or of one job): state, exit code or signal, run time, last log line.
 
     States: running, succeeded, failed (exit code), killed (signal), lost (session gone without an exit
     record), unknown (host unreachable). Names the first rank to fail, with its log tail and error.
+    Finished jobs that ended over a day ago are folded into one line, and jobs not launched from this
+    directory are only counted; --all shows everything.
     """
     host_list = targets(job, hosts, gpus)
     with Executor(c.config, parallel_flag(parallel), deadline=20) as ex:
         result = take_survey(ex, host_list, job)
+    recorded = {r["job"] for r in records.load_all()}
+    only = None if all_ or job is not None or not recorded else recorded
     if json_:
-        print(json.dumps([s.as_json() for s in sorted(result.states, key=order)], indent=2))
+        print(json.dumps([s.as_json() for s in sorted(result.states, key=order) if only is None or s.job in only],
+                         indent=2))
     else:
-        report(result)
+        report(result, only, fold=not all_ and job is None)
     if result.unreachable:
         raise Exit(f"fablaunch: unreachable: {', '.join(result.unreachable)}", code=1)
 

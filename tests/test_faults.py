@@ -248,6 +248,10 @@ def test_stop_without_a_job_stops_only_this_projects_jobs_and_an_empty_name_stop
     ok(fab("launch-gpus", "--job", f"{job}-theirs", "--port", str(master_port()), "--", "sleeper.py", cwd=other))
     wait_until(lambda: len(live_pids(f"{job}-mine")) >= 4 and len(live_pids(f"{job}-theirs")) >= 4, timeout=30)
 
+    shown = ok(fab("status")).stdout  # this project's jobs; another project's are only counted
+    assert f"job {job}-mine" in shown and f"job {job}-theirs" not in shown
+    assert "not launched from this directory" in shown
+    assert f"job {job}-theirs" in ok(fab("status", "--all")).stdout
     for empty in ("", "  "):
         refused = fab("stop", "--job", empty)
         assert refused.returncode == 2 and "--job" in refused.stderr, refused.stderr

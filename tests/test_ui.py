@@ -352,3 +352,27 @@ def test_plural() -> None:
     assert ui.plural(1, "process") == "1 process" and ui.plural(3, "process") == "3 processes"
     assert ui.plural(1, "GPU") == "1 GPU" and ui.plural(2, "other host") == "2 other hosts"
     assert jobs.summary(JOB, STATES[:1]) == [f"job {JOB}: 1 session, 1 running"]
+
+
+# --- status: this project's jobs, newest first, old finished ones folded ------------------------------------------
+
+
+def test_status_shows_newest_first_folds_old_finished_jobs_and_counts_other_projects(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    now = 1_800_000_000.0
+
+    def job_states(name: str, launched: str, st: str, ended: float | None) -> list[SessionState]:
+        return [SessionState(name, "gpus", "node1", f"{name}-rank-0", 0, 0, st, ended=ended, launched=launched,
+                             exit_code=0 if st == "succeeded" else None)]
+
+    survey_ = jobs.Survey([*job_states("old-done", "2024-01-01T00:00:00", "succeeded", now - 3 * 86400),
+                           *job_states("new-run", "2024-03-01T00:00:00", "running", None),
+                           *job_states("mid-done", "2024-02-01T00:00:00", "succeeded", now - 3600),
+                           *job_states("theirs", "2024-04-01T00:00:00", "running", None)], {})
+    mine = {"old-done", "new-run", "mid-done"}
+    text = show(monkeypatch, 200, False, jobs.report, survey_, mine, True, now)
+    assert text.index("job new-run") < text.index("job mid-done")  # newest first
+    assert "job old-done" not in text and "1 finished job older than a day: old-done" in text
+    assert "job theirs" not in text and "1 other job on these hosts, not launched from this directory: theirs" in text
+    everything = show(monkeypatch, 200, False, jobs.report, survey_, None, False, now)
+    assert all(f"job {name}" in everything for name in (*mine, "theirs"))
