@@ -58,7 +58,8 @@ def masked(key: str, value: str, marked: Collection[str] = ()) -> str:
     """A variable's value as a dry run shows it (shell-quoted): MASK for a secret, URL passwords masked."""
     if is_secret(key, marked):
         return MASK
-    return sh(_URL_PASSWORD.sub(rf"\g<1>{MASK}", value))
+    shown = _URL_PASSWORD.sub(rf"\g<1>{MASK}", value)
+    return sh(value if shown == value else shown)  # unchanged: keep a RemotePath's `~` expanding
 
 
 def describe(session: Session) -> str:

@@ -15,7 +15,7 @@ from fablaunch import launcher, ui
 from fablaunch.errors import LaunchError, UsageError
 from fablaunch.executor import REMOTE_SHELL, Executor, Outcome
 from fablaunch.plan import Plan
-from fablaunch.scripts import launch_payload, session_script
+from fablaunch.scripts import describe, launch_payload, manifest, masked, session_script
 from fablaunch.spec import JobSpec, build_spec, parse_env
 
 from .flags import int_flag, task, usage_error, usage_errors
@@ -34,7 +34,8 @@ COMMON_HELP = {
     "rollback": "On a failed or interrupted launch, stop what started on the other hosts (default on).",
     "preflight": "Check every host first: reachable, interpreter, working directory, MASTER_PORT free on the "
                  "first host, no running job of this name (default on).",
-    "dry_run": "Print each host's scripts and remote commands (secrets masked); touch no host.",
+    "dry_run": "Print every session, one session's script and a manifest (secrets masked); touch no host.",
+    "verbose": "With --dry-run: every host's payload and every session's script.",
     "wait": "After launching, show the job live until it ends and exit like `fab wait`.",
     "follow": "After launching, stream every rank's output like `fab logs --follow`.",
 }
@@ -63,18 +64,30 @@ def _make_plan(c: Any, mode: str, spec: JobSpec) -> tuple[Plan, str]:
     return plan, spec.gpus if mode == "gpus" else spec.hosts
 
 
-def dry_run(plan: Plan, launched: str) -> None:
-    """Show what a launch would run on every host, secret-looking values masked."""
+def dry_run(plan: Plan, launched: str, verbose: bool = False) -> None:
+    """Show what a launch would do, secret-looking values masked: every session in a table, one session's
+    script and one host's manifest in full (`verbose`: every host's payload and every script)."""
     ui.say(f"Dry run of job {plan.job} ({plan.mode}, {ui.plural(len(plan.sessions), 'session')} on "
            f"{ui.plural(len(plan.hosts), 'host')}); nothing is touched.")
-    for host in plan.hosts:
-        how = "local bash" if host.is_local else f"ssh {host.spec}"
-        sessions = plan.on(host)
-        ui.show_text(f"{host.spec}: `{REMOTE_SHELL}` via {how}, with this on its stdin",
-                     launch_payload(plan, sessions, launched, readable=True))
-        for session in sessions:
-            ui.show_text(f"{host.spec}: {session.script} (tmux session {session.name})",
-                         session_script(plan, session, launched, mask=True))
+    run = "<run id>"
+    ui.table("Sessions", ("host", "session", "who", "command"),
+             [(s.host.spec, s.name, describe(s), " ".join(masked("", arg, plan.secrets) for arg in s.argv))
+              for s in plan.sessions],
+             key_columns=("host", "session", "who"), free_columns=("command",))
+    first = plan.sessions[0]
+    if verbose:
+        for host in plan.hosts:
+            how = "local bash" if host.is_local else f"ssh {host.spec}"
+            ui.show_text(f"{host.spec}: `{REMOTE_SHELL}` via {how}, with this on its stdin",
+                         launch_payload(plan, plan.on(host), launched, readable=True, run=run))
+    for session in plan.sessions if verbose else [first]:
+        ui.show_text(f"{session.host.spec}: {session.script} (tmux session {session.name})",
+                     session_script(plan, session, launched, mask=True, run=run))
+    ui.show_text(f"{first.host.spec}: {first.dir}/manifest.json",
+                 manifest(plan, plan.on(first.host), launched, run))
+    if not verbose:
+        ui.say("The other sessions' scripts differ only in their rank variables; --verbose shows every script "
+               "and every host's payload.")
 
 
 def _results_table(title: str, plan: Plan, outcomes: dict[str, Outcome], note: dict[str, str] | None = None) -> None:
@@ -94,9 +107,9 @@ def _results_table(title: str, plan: Plan, outcomes: dict[str, Outcome], note: d
 
 
 def launch_then(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool,
-                wait: bool, follow: bool, preflight: bool = True) -> None:
+                wait: bool, follow: bool, preflight: bool = True, verbose: bool = False) -> None:
     """Launch, then optionally follow the logs and/or wait for the end, as the flags ask."""
-    plan = launch(c, mode, spec, replace, rollback_on_failure, dry, preflight)
+    plan = launch(c, mode, spec, replace, rollback_on_failure, dry, preflight, verbose)
     if dry or not (wait or follow):
         return
     from .jobs import say_unreachable, show_logs, wait_for
@@ -115,11 +128,11 @@ def launch_then(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_fai
 
 
 def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool,
-           preflight: bool = True) -> Plan:
+           preflight: bool = True, verbose: bool = False) -> Plan:
     """Plan and launch (or, `dry`, only show) a job; print each host's result; raise Exit unless all started."""
     plan, hostfile = _make_plan(c, mode, spec)
     if dry:
-        dry_run(plan, datetime.now().astimezone().isoformat(timespec="seconds"))
+        dry_run(plan, datetime.now().astimezone().isoformat(timespec="seconds"), verbose)
         return plan
     try:
         done = launcher.launch(c.config, plan, spec, hostfile, replace=replace,
@@ -141,7 +154,7 @@ def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure:
 @usage_errors
 def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
                 env=None, parallel=None, replace=False, rollback=True, dry_run=False, wait=False, follow=False,
-                preflight=True, secret=None):
+                preflight=True, verbose=False, secret=None):
     """Start one tmux session per line of the gpus file, each a rank with the torchrun environment.
 
     Usage: fab launch-gpus [flags] -- train.py --your --args. Every rank gets RANK, LOCAL_RANK,
@@ -153,7 +166,7 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
                          master_addr=master_addr, parallel=parallel)
     except UsageError as exc:
         raise usage_error(exc) from None
-    launch_then(c, "gpus", job_spec, replace, rollback, dry_run, wait, follow, preflight)
+    launch_then(c, "gpus", job_spec, replace, rollback, dry_run, wait, follow, preflight, verbose)
 
 
 @task(
@@ -168,7 +181,7 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
 @usage_errors
 def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
                     env=None, parallel=None, nproc_per_node=None, max_restarts=None, replace=False, rollback=True,
-                    dry_run=False, wait=False, follow=False, preflight=True, secret=None):
+                    dry_run=False, wait=False, follow=False, preflight=True, verbose=False, secret=None):
     """Start torchrun on every node of the hosts file (one tmux session each), meeting at c10d rendezvous.
 
     Usage: fab launch-torchrun [flags] -- train.py --your --args. The first host serves the
@@ -180,4 +193,4 @@ def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=Non
                          nproc_per_node=nproc_per_node, max_restarts=max_restarts)
     except UsageError as exc:
         raise usage_error(exc) from None
-    launch_then(c, "torchrun", job_spec, replace, rollback, dry_run, wait, follow, preflight)
+    launch_then(c, "torchrun", job_spec, replace, rollback, dry_run, wait, follow, preflight, verbose)

@@ -122,7 +122,13 @@ def test_dry_run_prints_scripts_with_masked_secrets_and_touches_nothing(fab: Fab
     assert result.returncode == 0, result.stderr
     assert "topsecret" not in result.stdout and "WANDB_API_KEY=*****" in result.stdout
     assert "VISIBLE=shown" in result.stdout and "train.py --lr 0.1" in result.stdout
-    assert "node1" in result.stdout and "node2" in result.stdout and "tmux new-session" in result.stdout
+    assert "node1" in result.stdout and "node2" in result.stdout and "manifest.json" in result.stdout
+    assert "tmux new-session" not in result.stdout  # compact by default: one script, one manifest
+    verbose = fab("launch-gpus", "--job", job, "--dry-run", "--verbose", "--env", "WANDB_API_KEY=topsecret",
+                  "--", "train.py", "--lr", "0.1")
+    assert "tmux new-session" in verbose.stdout and "topsecret" not in verbose.stdout
+    assert verbose.stdout.count("rank-1.sh") >= 1 and verbose.stdout.count("rank-0.sh") >= 1
+    assert len(result.stdout.splitlines()) < len(verbose.stdout.splitlines()) * 0.7
     assert sessions(fab.cluster, job) == {"node1": [], "node2": [], "node3": []}
     assert not (JOBS / job).exists() and not (fab.cwd / ".fablaunch").exists()
 
