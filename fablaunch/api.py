@@ -70,8 +70,8 @@ class Job:
     def logs(self, rank: int | Iterable[int] | None = None, tail: int | None = None) -> str:
         """The ranks' last log lines (50 per file unless `tail`), prefixed `[host rank N]` as `fab logs` prints them.
 
-        `rank` is a rank (per-GPU jobs) or node (torchrun jobs), or several. A host that does not
-        answer raises HostError.
+        `rank` is a global rank (a per-GPU job's session, or one torchrun worker), or several. A host
+        that does not answer raises HostError.
         """
         ranks = [] if rank is None else [rank] if isinstance(rank, int) else list(rank)
         lines: list[str] = []

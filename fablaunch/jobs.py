@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ def take_survey(ex: Executor, hosts: list[Host], job: str | None) -> Survey:
                     states.append(SessionState(rec["job"], rec["mode"], host.spec, s["session"],
                                                s["rank"] if rec["mode"] == "gpus" else None, s["node"], "unknown",
                                                log=s["log"], launched=rec.get("launched", "")))
+    survey.fill_ranks(states)
     return Survey(states, unreachable)
 
 
@@ -97,13 +99,61 @@ def latest_job(ex: Executor, hosts: list[Host]) -> str:
     return max(states, key=lambda s: s.launched).job
 
 
-def logs_payload(states: list[SessionState], lines: int, follow: bool, job: str) -> str:
+@dataclass
+class Pick:
+    """Which logs of one session `fab logs` shows: its own log, and in torchrun mode which workers'."""
+
+    state: SessionState
+    node_log: bool = True
+    workers: list[int] | None = None  # torchrun local ranks; None: every worker
+
+
+def ranks_text(s: SessionState) -> str:
+    """A torchrun node's workers' global ranks, `4-5`, with `?` where they are assumed (survey.fill_ranks)."""
+    return survey.span(s.ranks) + ("?" if s.ranks and s.ranks_source != "torchrun" else "")
+
+
+def select(job: str, states: list[SessionState], ranks: list[int], nodes: list[int]) -> list[Pick]:
+    """The logs `fab logs --rank N --node K` shows of a job's sessions (`states`: all of the job's).
+
+    `--node K` is a session's node (every worker of a torchrun node, its session log too); `--rank N`
+    is a global rank: a per-GPU session, or the one torchrun worker with that rank (its files only).
+    A rank or node the job does not have is a UsageError naming the ones it has.
+    """
+    torchrun = bool(states) and states[0].mode == "torchrun"
+    known_nodes = sorted({s.node for s in states if s.node is not None})
+    for k in nodes:
+        if k not in known_nodes:
+            raise UsageError("--node", f"job {job} has no node {k}: its nodes are {survey.span(known_nodes) or 'none'}")
+    known_ranks = sorted({r for s in states for r in (s.ranks if torchrun else [s.rank] if s.rank is not None else [])})
+    for n in ranks:
+        if n in known_ranks:
+            continue
+        if torchrun and not known_ranks:
+            raise UsageError("--rank", f"job {job}: no torchrun worker has started yet, so its global ranks are "
+                                       "unknown; --node K shows a node's logs")
+        what = "its global ranks (torchrun workers)" if torchrun else "its ranks"
+        raise UsageError("--rank", f"job {job} has no rank {n}: {what} are {survey.span(known_ranks) or 'none'}"
+                         + ("; --node K picks a node" if torchrun else ""))
+    picks = []
+    for s in states:
+        if (not ranks and not nodes) or s.node in nodes or (not torchrun and s.rank in ranks):
+            picks.append(Pick(s))
+        elif torchrun and (mine := [s.ranks.index(n) for n in ranks if n in s.ranks]):
+            picks.append(Pick(s, node_log=False, workers=mine))
+    return picks
+
+
+def logs_payload(picks: list[Pick], lines: int, follow: bool, job: str) -> str:
     """Print (or follow) a host's logs, each line prefixed with its file's key and a tab."""
     files = []
-    for s in states:
-        files.append((s.session, s.log))
+    for p in picks:
+        s = p.state
+        if p.node_log:
+            files.append((s.session, s.log))
         if s.mode == "torchrun":
-            files.append((f"{s.session}/", s.log.removesuffix(".log") + ".torchrun/*/attempt_*/*/std*.log"))
+            for worker in ["*"] if p.workers is None else [str(w) for w in p.workers]:
+                files.append((f"{s.session}/", s.log.removesuffix(".log") + f".torchrun/*/attempt_*/{worker}/std*.log"))
     emit = ["emit() { sed -u \"s|^|$1\t|\"; }"]
     if not follow:
         body = []
@@ -142,6 +192,7 @@ class LinePrinter:
 
     def __init__(self, states: list[SessionState], write: Callable[[str], Any] | None = None) -> None:
         self.who = {s.session: (s.host, who(s)) for s in states}
+        self.states = {s.session: s for s in states}
         self.lock = threading.Lock()
         self.write = write or _stdout
 
@@ -151,11 +202,21 @@ class LinePrinter:
         key, _, text = line.partition("\t")
         session, _, sub = key.partition("/")
         host, name = self.who.get(session, ("?", session))
-        if sub:  # torchrun worker file: attempt_0/1/stderr.log -> worker 1 stderr
+        if sub:  # torchrun worker file: <run>/attempt_0/1/stderr.log -> rank 5 (worker 1) stderr
             parts = sub.split("/")
-            name += f" worker {parts[-2]} {parts[-1].removesuffix('.log')}" if len(parts) >= 2 else f" {sub}"
+            name += f" {self.worker(session, parts[-2])} {parts[-1].removesuffix('.log')}" if len(parts) >= 2 \
+                else f" {sub}"
         with self.lock:
             self.write(f"[{host} {name}] {text.rstrip(chr(10))}\n")
+
+
+    def worker(self, session: str, local: str) -> str:
+        """`rank 5 (worker 1)`: a torchrun worker's global rank and local rank (`rank 5?` if assumed)."""
+        s = self.states.get(session)
+        rank = s.rank_of(int(local)) if s is not None and local.isdigit() else None
+        if s is None or rank is None:
+            return f"worker {local}"
+        return f"rank {rank}{'' if s.ranks_source == 'torchrun' else '?'} (worker {local})"
 
 
 def _stdout(text: str) -> None:
@@ -165,23 +226,26 @@ def _stdout(text: str) -> None:
 
 
 def show_logs(ex: Executor, hosts: list[Host], job: str, ranks: list[int], only_hosts: list[str], lines: int,
-              follow: bool, write: Callable[[str], Any] | None = None) -> dict[str, str]:
+              follow: bool, write: Callable[[str], Any] | None = None,
+              nodes: list[int] | None = None) -> dict[str, str]:
     """Print (or follow) the logs of a job's selected sessions from every host at once.
 
-    Lines go to `write` (default stdout); returns the hosts that could not be asked, with why.
+    `ranks` are global ranks (a per-GPU session, or one torchrun worker), `nodes` node numbers (a
+    whole torchrun node: its session log and every worker's); see `select`. Lines go to `write`
+    (default stdout); returns the hosts that could not be asked, with why.
     """
     result = take_survey(ex, hosts, job)
-    states = [s for s in result.states if s.job == job and s.state != "unknown"
-              and (not ranks or (s.rank if s.rank is not None else s.node) in ranks)
-              and (not only_hosts or s.host in only_hosts)]
-    if not states:
+    mine = [s for s in result.states if s.job == job]
+    picks = [p for p in select(job, mine, ranks, nodes or [])
+             if p.state.state != "unknown" and (not only_hosts or p.state.host in only_hosts)]
+    if not picks:
         raise UsageError("--job", f"no logs of job {job} found on the hosts"
                          + (f" (unreachable: {', '.join(result.unreachable)})" if result.unreachable else ""))
-    printer = LinePrinter(states, write)
+    printer = LinePrinter([p.state for p in picks], write)
     by_host = {h.spec: h for h in hosts}
-    per_host: dict[str, list[SessionState]] = {}
-    for s in states:
-        per_host.setdefault(s.host, []).append(s)
+    per_host: dict[str, list[Pick]] = {}
+    for p in picks:
+        per_host.setdefault(p.state.host, []).append(p)
 
     def one(spec: str) -> Outcome:
         return ex.run_one(by_host[spec], REMOTE_SHELL, logs_payload(per_host[spec], lines, follow, job), printer)

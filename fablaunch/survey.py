@@ -38,6 +38,17 @@ class WorkerError:
 
 
 @dataclass
+class WorkerLog:
+    """One torchrun worker's stdout or stderr log (newest attempt), as the survey saw it."""
+
+    local_rank: int
+    stream: str  # stdout or stderr
+    path: str
+    mtime: float | None
+    tail: list[str]
+
+
+@dataclass
 class SessionState:
     """What one session of a job is doing, as `fab status` and `--json` report it."""
 
@@ -64,12 +75,27 @@ class SessionState:
     launched: str = ""
     # torchrun mode: the error files torchrun's workers left (local_rank, attempt, path, mtime, content).
     worker_errors: list[WorkerError] = field(default_factory=list)
+    # torchrun mode: the global rank of each of the node's workers, by local rank (ranks[local] = global),
+    # and where that came from: "torchrun" (the RANK torchrun gave a live worker) or "assumed" (see fill_ranks).
+    ranks: list[int] = field(default_factory=list)
+    ranks_source: str = ""
+    # torchrun mode: the node's workers' stdout/stderr logs of its newest attempt, with their last lines.
+    worker_logs: list[WorkerLog] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("tail")
         data.pop("worker_errors")
+        data.pop("worker_logs")
         return data
+
+    def rank_of(self, local_rank: int) -> int | None:
+        """The global rank of this torchrun node's worker `local_rank`, if known."""
+        return self.ranks[local_rank] if 0 <= local_rank < len(self.ranks) else None
+
+    def local_of(self, rank: int) -> int | None:
+        """The local rank of this torchrun node's worker with global rank `rank`, if it is one of them."""
+        return self.ranks.index(rank) if rank in self.ranks else None
 
     @property
     def ended_badly(self) -> bool:
@@ -92,8 +118,10 @@ def payload(host: Host, job: str | None) -> str:
         tmux.list_command(job, host.spec),
         # Which session each live process belongs to: a rank outlives a killed tmux server.
         'printf "%sPROCS\\n" "$sep"',
-        f"grep -Hasxz -E -- {sh(SESSION_VAR + '=[A-Za-z0-9_.@+=-]+')} /proc/[0-9]*/environ 2>/dev/null "
-        "| tr '\\0' '\\n'",
+        # RANK and LOCAL_RANK too: the global rank torchrun gave each live worker (parse keeps those of
+        # processes that carry a session marker of ours).
+        f"grep -Hasxz -E -- {sh('(' + SESSION_VAR + '=[A-Za-z0-9_.@+=-]+|RANK=[0-9]+|LOCAL_RANK=[0-9]+)')} "
+        "/proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'",
         f"for m in {glob}; do",
         '  [ -f "$m" ] || continue',
         '  d=${m%/manifest.json}',
@@ -110,6 +138,16 @@ def payload(host: Host, job: str | None) -> str:
         '  printf "%sERRTIMES\\n" "$sep"; find "$d" -name "*error.json" -printf "%p %T@\\n"',
         '  find "$d" -path "*.torchrun/*" -name error.json -exec awk -v s="$sep" '
         '\'FNR==1{print s "FILE " FILENAME} {print}\' {} + </dev/null',
+        # Each torchrun node's workers' logs, newest attempt only (<log dir>/<run>/attempt_<A>/<local>/):
+        # their times, then one section per file, as for the session logs.
+        '  for n in "$d"/*.torchrun; do [ -d "$n" ] || continue',
+        '    a=$(ls -td -- "$n"/*/attempt_*/ 2>/dev/null | head -n 1); [ -n "$a" ] || continue',
+        '    printf "%sWTIMES %s\\n" "$sep" "$n"',
+        '    find "$a" -mindepth 2 -maxdepth 2 -name "std*.log" -printf "%p %T@\\n" 2>/dev/null',
+        '    for f in "$a"*/stdout.log "$a"*/stderr.log; do [ -f "$f" ] || continue',
+        f'      printf "%sWTAIL %s\\n" "$sep" "$f"; tail -n {TAIL_LINES} "$f" 2>/dev/null; echo',
+        "    done",
+        "  done",
         "done",
         "exit 0",
         "",
@@ -134,6 +172,19 @@ def _tail(lines: list[str]) -> list[str]:
 
 
 _PROC = re.compile(r"/proc/(\d+)/environ:" + SESSION_VAR + r"=(\S+)")
+_RANK_VAR = re.compile(r"/proc/(\d+)/environ:(RANK|LOCAL_RANK)=(\d+)")
+_WORKER_LOG = re.compile(r"(\d+)/(stdout|stderr)\.log")
+
+
+def _stamps(lines: list[str]) -> dict[str, float]:
+    """`PATH SECONDS` lines (stat or find output) as {path: seconds}; malformed lines are skipped."""
+    stamps = {}
+    for line in lines:
+        path, _, stamp = line.rpartition(" ")
+        value = as_float(stamp)
+        if path and value is not None:
+            stamps[path] = value
+    return stamps
 
 
 def _session_from_tmux(line: str) -> dict[str, str] | None:
@@ -150,6 +201,9 @@ def parse(host: Host, text: str) -> list[SessionState]:
     now = 0.0
     live: dict[str, dict[str, str]] = {}
     procs: dict[str, list[int]] = {}
+    rank_vars: dict[int, dict[str, int]] = {}  # pid -> RANK, LOCAL_RANK
+    worker_times: dict[str, float] = {}
+    worker_tails: dict[str, list[str]] = {}
     states: list[SessionState] = []
     files: dict[str, str] = {}
     mtimes: dict[str, float] = {}
@@ -169,6 +223,8 @@ def parse(host: Host, text: str) -> list[SessionState]:
                 m = _PROC.fullmatch(line)
                 if m and m.group(2).endswith(f"@{host.label}"):
                     procs.setdefault(m.group(2).removesuffix(f"@{host.label}"), []).append(int(m.group(1)))
+                elif r := _RANK_VAR.fullmatch(line):
+                    rank_vars.setdefault(int(r.group(1)), {})[r.group(2)] = int(r.group(3))
         elif kind == "MANIFEST":
             manifest = _json("\n".join(lines))
             if manifest is not None:
@@ -176,17 +232,15 @@ def parse(host: Host, text: str) -> list[SessionState]:
         elif kind == "FILE":
             files[arg] = "\n".join(lines)
         elif kind == "MTIMES":
-            for line in lines:
-                path, _, stamp = line.rpartition(" ")
-                if stamp.isdigit():
-                    mtimes[path] = float(stamp)
+            mtimes.update(_stamps(lines))
         elif kind == "ERRTIMES":
-            for line in lines:
-                path, _, stamp = line.rpartition(" ")
-                if path and as_float(stamp) is not None:
-                    error_times[path] = float(stamp)
+            error_times.update(_stamps(lines))
         elif kind == "TAIL":
             tails[arg] = _tail(lines)
+        elif kind == "WTIMES":
+            worker_times.update(_stamps(lines))
+        elif kind == "WTAIL":
+            worker_tails[arg] = _tail(lines)
     seen: set[str] = set()
     for directory, manifest in manifests:
         for entry in manifest.get("sessions", []) if isinstance(manifest.get("sessions"), list) else []:
@@ -202,6 +256,9 @@ def parse(host: Host, text: str) -> list[SessionState]:
             state.tail, state.last_line = tail, tail[-1] if tail else ""
             if state.log in mtimes:
                 state.log_age = max(0.0, now - mtimes[state.log])
+            if state.mode == "torchrun":
+                state.worker_logs = _worker_logs(f"{base}.torchrun/", worker_tails, worker_times)
+                _worker_view(state, [rank_vars[p] for p in procs.get(state.session, []) if p in rank_vars], now)
             states.append(state)
             seen.add(state.session)
     for name, info in live.items():
@@ -265,6 +322,71 @@ def _worker_errors(prefix: str, files: dict[str, str], times: dict[str, float]) 
         attempt = as_int(parts[-3].removeprefix("attempt_")) if len(parts) >= 3 else None
         found.append(WorkerError(local, attempt, path, times.get(path), _json(text) or {"raw": text[:2000]}))
     return sorted(found, key=lambda w: (w.mtime or 0, w.path))
+
+
+def _worker_logs(prefix: str, tails: dict[str, list[str]], times: dict[str, float]) -> list[WorkerLog]:
+    """A node's workers' logs: <log dir>/<run>/attempt_<A>/<local rank>/stdout.log|stderr.log."""
+    found = []
+    for path in sorted(set(tails) | set(times)):
+        if not path.startswith(prefix):
+            continue
+        m = _WORKER_LOG.search(path)
+        if m and path.endswith(m.group(0)) and path[:-len(m.group(0))].endswith("/"):
+            found.append(WorkerLog(int(m.group(1)), m.group(2), path, times.get(path), tails.get(path, [])))
+    return sorted(found, key=lambda w: (w.local_rank, w.stream != "stdout"))
+
+
+def _worker_view(state: SessionState, live: list[dict[str, int]], now: float) -> None:
+    """A torchrun node's last line (its newest worker log's, `[wL] ...`), log age and workers' global ranks.
+
+    torchrun gives each node's workers consecutive global ranks in local rank order, so one live
+    worker's RANK and LOCAL_RANK fix the whole node's. With no live worker they stay unknown here
+    (fill_ranks assumes them across the job).
+    """
+    written = [w for w in state.worker_logs if w.tail]
+    if written:
+        newest = max(written, key=lambda w: (w.mtime or 0.0, w.stream == "stderr"))
+        state.last_line = f"[w{newest.local_rank}] {newest.tail[-1]}"
+        state.log_age = max(0.0, now - newest.mtime) if newest.mtime is not None else None
+    workers = 1 + max((w.local_rank for w in state.worker_logs), default=-1)
+    for env in live:
+        if "RANK" in env and "LOCAL_RANK" in env and env["RANK"] >= env["LOCAL_RANK"]:
+            workers = max(workers, env["LOCAL_RANK"] + 1)
+            first = env["RANK"] - env["LOCAL_RANK"]
+            state.ranks, state.ranks_source = list(range(first, first + workers)), "torchrun"
+            return
+
+
+def fill_ranks(states: list[SessionState]) -> None:
+    """Give every torchrun node of a job whose ranks are unknown (no live worker) assumed global ranks.
+
+    ASSUMED, not read: torchrun 2.13 writes no global rank into its log dir (only <run>/attempt_<A>/
+    <local rank>/), and its c10d rendezvous numbers nodes by sorting (hostname, agent pid), not by
+    our node index. So a node with no live worker gets node-index order: the workers counted on
+    the nodes before it (their newest attempt's log dirs), the same count as the others where
+    unknown, i.e. node*nproc + local rank when every node has the same nproc. `ranks_source` says so.
+    """
+    jobs: dict[str, list[SessionState]] = {}
+    for s in states:
+        if s.mode == "torchrun" and s.node is not None:
+            jobs.setdefault(s.job, []).append(s)
+    for nodes in jobs.values():
+        nodes.sort(key=lambda s: s.node or 0)
+        counts = [len(s.ranks) or 1 + max((w.local_rank for w in s.worker_logs), default=-1) for s in nodes]
+        usual = max(counts, default=0)
+        offset = 0
+        for s, count in zip(nodes, counts, strict=True):
+            count = count or usual
+            if not s.ranks and count:
+                s.ranks, s.ranks_source = list(range(offset, offset + count)), "assumed"
+            offset = max(offset + count, s.ranks[-1] + 1 if s.ranks else 0)
+
+
+def span(ranks: list[int]) -> str:
+    """Ranks as a short text: `4-5`, `3`, `0,2`; empty when unknown."""
+    if ranks and ranks == list(range(ranks[0], ranks[0] + len(ranks))):
+        return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(map(str, ranks))
 
 
 def error_message(error: dict[str, Any] | None) -> str:

@@ -20,7 +20,7 @@ from fablaunch import failures, records, survey, ui
 from fablaunch.errors import JobNotFound, UsageError
 from fablaunch.executor import Executor
 from fablaunch.hostfile import Host, parse_host
-from fablaunch.jobs import Survey, latest_job, order, show_logs, stop_job, take_survey, targets, watch, who
+from fablaunch.jobs import Survey, latest_job, order, ranks_text, show_logs, stop_job, take_survey, targets, watch, who
 from fablaunch.scripts import sh
 from fablaunch.spec import DEFAULT_PARALLEL, check_job_name
 from fablaunch.survey import SessionState
@@ -70,17 +70,21 @@ def job_table(job: str, states: list[SessionState]) -> ui.TableSpec:
 
     The last log line wraps in what is left (on its own line under the row where that is too little)
     and is shown whole, as every other cell, in plain output.
+
+    In torchrun mode a node's row also shows its workers' global ranks (`4-5`; `4-5?` where assumed,
+    no worker being alive to say) and its last line is its workers' newest, `[w1] ...` for worker 1.
     """
     mode = states[0].mode
     number = "rank" if mode == "gpus" else "node"
+    numbers: tuple[str, ...] = (number,) if mode == "gpus" else (number, "ranks")
     rows = []
     for s in states:
         last = f"{s.last_line}  ({_age(s.log_age)} ago)" if s.last_line else ""
-        rows.append((s.host, s.session, s.rank if mode == "gpus" else s.node, shown_state(s), describe_end(s),
-                     s.pid or "", _age(s.runtime), last))
+        which = (s.rank,) if mode == "gpus" else (s.node, ranks_text(s))
+        rows.append((s.host, s.session, *which, shown_state(s), describe_end(s), s.pid or "", _age(s.runtime), last))
     return ui.TableSpec(f"job {job} ({mode})",
-                        ("host", "session", number, "state", "exit", "pid", "run time", "last log line"), rows,
-                        [_STYLE.get(s.state) for s in states], key_columns=("host", number, "state", "exit"),
+                        ("host", "session", *numbers, "state", "exit", "pid", "run time", "last log line"), rows,
+                        [_STYLE.get(s.state) for s in states], key_columns=("host", *numbers, "state", "exit"),
                         free_columns=("last log line",))
 
 
@@ -169,23 +173,30 @@ def status(c, job=None, hosts=None, gpus=None, json_=False, parallel=None, all_=
 
 @task(
     help={**TARGET_HELP, "job": "Job name (default: the job launched last from here).",
-          "rank": "Only this rank (per-GPU jobs) or node (torchrun jobs); repeatable.",
+          "rank": "Only this global rank: a per-GPU session, or the one torchrun worker with that RANK; repeatable.",
+          "node": "Only this node: its session (torchrun: the agent's log and every worker's); repeatable.",
           "host": "Only sessions on this host; repeatable.", "tail": "Lines per file (default 50).",
           "follow": "Keep streaming from every host until Ctrl-C or the job ends."},
-    iterable=["rank", "host"],
+    iterable=["rank", "node", "host"],
 )
 @usage_errors
-def logs(c, job=None, rank=None, host=None, tail=None, follow=False, hosts=None, gpus=None, parallel=None):
+def logs(c, job=None, rank=None, node=None, host=None, tail=None, follow=False, hosts=None, gpus=None,
+         parallel=None):
     """Print the ranks' output, each line prefixed with host and rank, from the per-rank log files.
 
-    In torchrun mode, torchrun's own per-worker files are shown too. Works after the sessions ended
-    and after `fab stop`: logs are files on the hosts, not tmux scrollback.
+    In torchrun mode, torchrun's own per-worker files are shown too, prefixed with both numbers:
+    `[host node 2 rank 5 (worker 1) stdout]` is global rank 5, local rank 1 of node 2 (`rank 5?`:
+    assumed as node*nproc + local rank, no live worker having said). --rank is always a global rank,
+    --node a node; one the job does not have is an error naming those it has. Works after the
+    sessions ended and after `fab stop`: logs are files on the hosts, not tmux scrollback.
     """
     host_list = targets(job, hosts, gpus)
     ranks = [int_flag(r, "--rank") for r in rank or []]
+    nodes = [int_flag(k, "--node") for k in node or []]
     with Executor(c.config, parallel_flag(parallel), deadline=20, patient=follow) as ex:
-        unreachable = show_logs(ex, host_list, job or latest_job(ex, host_list), ranks, list(host or []),
-                                int_flag(tail, "--tail", 50) or 0, follow)
+        unreachable = show_logs(ex, host_list, job or latest_job(ex, host_list), [r for r in ranks if r is not None],
+                                list(host or []), int_flag(tail, "--tail", 50) or 0, follow,
+                                nodes=[k for k in nodes if k is not None])
     say_unreachable(unreachable)
 
 
@@ -277,9 +288,10 @@ def confirm(question: str) -> bool:
             "job": "Job name (default: every job launched from this directory, as its launch records say).",
             "grace": "Seconds between SIGINT and SIGTERM, for training code to save (default 10).",
             "all": "Stop every fablaunch job on the hosts, other projects' too (asks first on a terminal).",
-            "yes": "With --all: do not ask for confirmation."})
+            "yes": "With --all: do not ask for confirmation.",
+            "json": "Print a JSON list, one object per host and job, instead of a table."})
 @usage_errors
-def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None, all_=False, yes=False):
+def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None, all_=False, yes=False, json_=False):
     """Stop a job everywhere: SIGINT, then SIGTERM and SIGKILL to every process of it, then its sessions.
 
     Without --job, stops the jobs launched from this directory (its launch records) and names them;
@@ -301,12 +313,12 @@ def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None, all_=Fal
             raise Exit("fablaunch: nothing was stopped", code=1)
         with Executor(c.config, parallel_flag(parallel), deadline=grace_s + 20) as ex:
             rows, bad = stop_job(ex, host_list, None, grace_s)
-        return _report_stop("every job", rows, bad)
+        return _report_stop("every job", rows, bad, json_)
     names = [job] if job is not None else [r["job"] for r in records.load_all()]
     if not names:
         raise UsageError("--job", "no job was launched from this directory (no launch records in "
                          f"{records.RECORDS_DIR}): name one with --job, or stop every job on the hosts with --all")
-    if job is None:
+    if job is None and not json_:
         ui.say(f"Stopping the jobs launched from this directory: {', '.join(names)}")
     rows: list[tuple[Any, ...]] = []
     bad = 0
@@ -316,16 +328,19 @@ def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None, all_=Fal
                 job_rows, job_bad = stop_job(ex, targets(name, hosts, gpus), name, grace_s)
             rows += [(r[0], name, *r[2:]) for r in job_rows]
             bad += job_bad
-    return _report_stop(job or ", ".join(names), rows, bad)
+    return _report_stop(job or ", ".join(names), rows, bad, json_)
 
 
-def _report_stop(what: str, rows: list[tuple[Any, ...]], bad: int) -> None:
-    if all(r[-1] == "nothing to stop" for r in rows):
+def _report_stop(what: str, rows: list[tuple[Any, ...]], bad: int, as_json: bool = False) -> None:
+    if as_json:
+        keys = ("host", "jobs", "processes", "sessions", "result")
+        print(json.dumps([{k: None if v == "" else v for k, v in zip(keys, r, strict=True)} for r in rows], indent=2))
+    elif all(r[-1] == "nothing to stop" for r in rows):
         ui.say(f"Nothing to stop for {what} on {ui.plural(len({r[0] for r in rows}), 'host')}.")
-        return
-    ui.table(f"Stop {what}", ("host", "jobs", "processes", "sessions", "result"), rows,
-             ["green" if r[-1] in ("stopped", "nothing to stop") else "red" for r in rows],
-             key_columns=("host", "processes", "sessions"), free_columns=("jobs", "result"))
+    else:
+        ui.table(f"Stop {what}", ("host", "jobs", "processes", "sessions", "result"), rows,
+                 ["green" if r[-1] in ("stopped", "nothing to stop") else "red" for r in rows],
+                 key_columns=("host", "processes", "sessions"), free_columns=("jobs", "result"))
     if bad:
         raise Exit(f"fablaunch: {ui.plural(bad, 'host')} not verified clean", code=1)
 
@@ -359,17 +374,26 @@ def wait_for(c: Any, ex: Executor, hosts: list[Host], job: str, timeout: float |
 @task(help={"job": "Job name (default: the job launched last from here).",
             "timeout": "Give up after this many seconds with exit code 124, leaving the job running.",
             "fail_fast": "As soon as one rank fails, stop the rest instead of waiting out NCCL timeouts.",
-            "hosts": TARGET_HELP["hosts"], "gpus": TARGET_HELP["gpus"], "parallel": TARGET_HELP["parallel"]})
+            "hosts": TARGET_HELP["hosts"], "gpus": TARGET_HELP["gpus"], "parallel": TARGET_HELP["parallel"],
+            "json": "Print a JSON object at the end (job, exit_code, sessions as in status --json), no live view."})
 @usage_errors
-def wait(c, job=None, timeout=None, fail_fast=False, hosts=None, gpus=None, parallel=None):
+def wait(c, job=None, timeout=None, fail_fast=False, hosts=None, gpus=None, parallel=None, json_=False):
     """Show a job live until every rank has ended; exit 0 if all succeeded, else the first failure's code.
 
     A rank killed by a signal gives 1; --timeout gives 124.
     """
     host_list = targets(job, hosts, gpus)
+    limit = seconds_flag(timeout, "--timeout")
     with Executor(c.config, parallel_flag(parallel), deadline=30) as ex:
         name = job or latest_job(ex, host_list)
-        code = wait_for(c, ex, host_list, name, seconds_flag(timeout, "--timeout"), fail_fast)
+        if json_:
+            try:
+                code, states = watch(ex, host_list, name, limit, fail_fast)
+            except JobNotFound as exc:
+                raise Exit(f"fablaunch: {exc}", code=1) from None
+            print(json.dumps({"job": name, "exit_code": code, "sessions": [s.as_json() for s in states]}, indent=2))
+        else:
+            code = wait_for(c, ex, host_list, name, limit, fail_fast)
     if code:
         raise Exit(code=code)
 

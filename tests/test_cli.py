@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from pathlib import Path
@@ -35,3 +36,19 @@ def test_attach_runs_ssh_with_fabs_ssh_config_and_key(fab: Fab, job: str, tmp_pa
     assert argv[:2] == ["-t", "-F"] and argv[2] == str(fab.ssh_config)
     assert ["-i", str(key)] == argv[argv.index("-i"):argv.index("-i") + 2]
     assert "node2" in argv and argv[-1] == f"tmux attach-session -t ={job}-rank-0"
+
+
+def test_stop_and_wait_print_json_when_asked(fab: Fab, job: str) -> None:
+    fab.write("gpus", "node1", "node2")
+    launched = fab("launch-gpus", "--job", job, "--port", str(master_port()), "--", "behave.py", "0=exit:0",
+                   "1=sleep")
+    assert launched.returncode == 0, launched.stderr
+    waited = fab("wait", "--job", job, "--timeout", "3", "--json")
+    data = json.loads(waited.stdout)
+    assert waited.returncode == 124 and data["exit_code"] == 124 and data["job"] == job
+    assert sorted((s["rank"], s["host"]) for s in data["sessions"]) == [(0, "node1"), (1, "node2")]
+    stopped = fab("stop", "--job", job, "--grace", "1", "--json")
+    rows = json.loads(stopped.stdout)
+    assert stopped.returncode == 0 and {r["host"]: r["result"] for r in rows}["node2"] == "stopped"
+    assert all(isinstance(r["processes"], int) for r in rows)
+    assert not live_pids(job)

@@ -318,9 +318,11 @@ def test_torchrun_job_status_per_node_logs_per_worker_and_stop_leaves_no_worker(
     ranks = set()
     for host, node in (("node1", 0), ("node2", 1)):
         for local in (0, 1):
-            mine = [t for p, t in lines if p == f"{host} node {node} worker {local} stdout"]
-            assert len(mine) == 1 and re.fullmatch(rf"rank (\d) on {host} does sleep", mine[0]), lines
-            ranks.add(mine[0].split()[1])
+            who = rf"{host} node {node} rank \d \(worker {local}\) stdout"
+            mine = [(p, t) for p, t in lines if re.fullmatch(who, p)]
+            assert len(mine) == 1 and re.fullmatch(rf"rank (\d) on {host} does sleep", mine[0][1]), lines
+            assert mine[0][0].split()[4] == mine[0][1].split()[1]  # the prefix's global rank is the worker's RANK
+            ranks.add(mine[0][1].split()[1])
     assert ranks == {"0", "1", "2", "3"}
 
     result = fab("stop", "--job", job, "--grace", "1")
