@@ -19,7 +19,7 @@ from . import launcher
 from .errors import HostError, UsageError
 from .executor import Executor
 from .hostfile import Host
-from .jobs import order, show_logs, stop_job, take_survey, targets, watch
+from .jobs import CLEAN, after_launch, order, show_logs, stop_job, take_survey, targets, watch
 from .spec import DEFAULT_PARALLEL, JobSpec, build_spec
 
 STATUS_DEADLINE = 20.0
@@ -58,8 +58,7 @@ class Job:
         Sessions on a host that did not answer have state `unknown`.
         """
         with self._executor() as ex:
-            result = take_survey(ex, self.hosts, self.name)
-        return [s.as_json() for s in sorted(result.states, key=order) if s.job == self.name]
+            return _status(ex, self.hosts, self.name)
 
     def wait(self, timeout: float | None = None, fail_fast: bool = False, interval: float = 2.0) -> int:
         """Wait until every session ended; return the exit code `fab wait` gives (124 after `timeout`)."""
@@ -87,10 +86,10 @@ class Job:
 
         Raises HostError naming each host that could not be verified clean.
         """
-        with self._executor(grace + 20) as ex:
+        with after_launch(self.name), self._executor(grace + 20) as ex:  # a launch of it from here first
             rows, bad = stop_job(ex, self.hosts, self.name, grace)
         if bad:
-            hosts = {row[0]: row[-1] for row in rows if row[-1] not in ("stopped", "nothing to stop")}
+            hosts = {row[0]: row[-1] for row in rows if row[-1] not in CLEAN}
             raise HostError(f"job {self.name}: {len(hosts)} hosts not verified clean", hosts)
 
 
@@ -145,5 +144,10 @@ def status(job: str | None = None, *, hosts: str | None = None, gpus: str | None
     """Every session of a job (or of every job the hosts know), as `fab status --json` prints them."""
     host_list = targets(job, hosts, gpus)
     with Executor(_config(ssh_config), DEFAULT_PARALLEL, deadline=STATUS_DEADLINE) as ex:
-        result = take_survey(ex, host_list, job)
+        return _status(ex, host_list, job)
+
+
+def _status(ex: Executor, hosts: list[Host], job: str | None) -> list[dict[str, Any]]:
+    """The sessions of a job (every job: None) on these hosts, as `fab status --json` prints them."""
+    result = take_survey(ex, hosts, job)
     return [s.as_json() for s in sorted(result.states, key=order) if job is None or s.job == job]

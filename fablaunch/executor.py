@@ -633,18 +633,8 @@ class _RemoteShell(_Shell):
         select.select([self.channel], [], [], 1.0)
         # Whether it had ended is read before draining: all data precedes the status and the close.
         ended = self.ended()
-        while self.channel.recv_ready():
-            data = self.channel.recv(65536)
-            if not data:
-                break
-            self.heard = True
-            self.out += data
-        while self.channel.recv_stderr_ready():
-            data = self.channel.recv_stderr(65536)
-            if not data:
-                break
-            self.heard = True
-            self.err += data
+        self._drain(self.channel.recv_ready, self.channel.recv, self.out)
+        self._drain(self.channel.recv_stderr_ready, self.channel.recv_stderr, self.err)
         if self.script and not self.up:
             mark = self.out.find(_STARTED_LINE)
             if mark >= 0:
@@ -654,6 +644,15 @@ class _RemoteShell(_Shell):
             self._stream(on_output, final=False)
         # A channel closed under us (Executor.close after Ctrl-C) never gets a status.
         return not ended
+
+    def _drain(self, ready: Callable[[], bool], recv: Callable[[int], bytes], into: bytearray) -> None:
+        """Move what one of the channel's streams holds into its buffer."""
+        while ready():
+            data = recv(65536)
+            if not data:
+                break
+            self.heard = True
+            into += data
 
     def _stream(self, on_output: Callable[[str], None], final: bool) -> None:
         """Pass the complete lines that arrived (and, once `final`, the rest) to on_output.

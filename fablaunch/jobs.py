@@ -8,10 +8,11 @@ tasks and the Python API both stand on these functions.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,34 @@ def show_logs(ex: Executor, hosts: list[Host], job: str, ranks: list[int], only_
     return result.unreachable
 
 
+STOP_LOCK_WAIT = 300.0  # seconds a stop waits for a launch of the same job from this project to finish
+
+
+@contextlib.contextmanager
+def after_launch(job: str, wait: float = STOP_LOCK_WAIT,
+                 on_wait: Callable[[str, int | None], Any] | None = None) -> Iterator[None]:
+    """Wait until no launch of `job` from this project is in progress, and keep new ones out meanwhile.
+
+    Stopping while a launch is still reaching its hosts would stop the hosts it has reached and then
+    let the rest start. `on_wait(job, pid)` is told when there is a launch to wait for; records.Busy
+    after `wait` seconds. A directory where the lock cannot be written cannot launch either, so there
+    the stop goes ahead without it.
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(records.lock(job))
+        except records.Busy as exc:
+            if on_wait:
+                on_wait(job, exc.pid)
+            stack.enter_context(records.lock(job, wait=wait))
+        except OSError:
+            pass
+        yield
+
+
+CLEAN = ("stopped", "nothing to stop")  # a stop's per-host results that leave nothing of the job behind
+
+
 def stop_job(ex: Executor, hosts: list[Host], job: str | None, grace: float) -> tuple[list[tuple[Any, ...]], int]:
     """Stop a job (or all jobs) on every host; return rows (host, jobs, processes, sessions, result) and
     how many hosts are not verified clean."""
@@ -315,7 +344,7 @@ def watch(ex: Executor, hosts: list[Host], job: str, timeout: float | None = Non
         states = [s for s in result.states if s.job == job]
         if states and on_update:
             on_update(states)
-        running = [s for s in states if s.state in ("running", "unknown")]
+        running = [s for s in states if s.state not in survey.ENDED]
         failure = survey.first_failure(states)
         if failure and fail_fast and running:
             if on_fail_fast:

@@ -87,12 +87,10 @@ class Signals:
     CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
-        self.received: list[int] = []
         self.shielded = False
         self.previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.received.append(signum)
         if not self.shielded:
             self.shielded = True  # the first signal wins; later ones wait for the rollback
             raise Interrupted(signum)

@@ -103,6 +103,11 @@ def job_dir(job: str, host: Host) -> RemotePath:
     return RemotePath(f"{JOBS_DIR}/{job}/{host.label}")
 
 
+def lock_file(job: str, host: Host) -> RemotePath:
+    """The file a host's launches (and prunes) of a job lock, beside its job directory."""
+    return RemotePath(f"{JOBS_DIR}/{job}/.{host.label}.lock")
+
+
 def tag(job: str, host: Host) -> str:
     """The marker value every process of `job` on `host` inherits."""
     return f"{job}@{host.label}"

@@ -19,7 +19,7 @@ from collections.abc import Collection
 from . import tmux
 from .executor import hold_line
 from .hostfile import Host
-from .plan import JOBS_DIR, TAG_VAR, Plan, RemotePath, Session, job_dir, tag
+from .plan import JOBS_DIR, TAG_VAR, Plan, RemotePath, Session, job_dir, lock_file, tag
 
 # Every process of a session carries these (read from /proc/PID/environ): the session it belongs to
 # (so a rank whose tmux server died is still found) and the launch run that started it (so a rollback
@@ -279,7 +279,7 @@ def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable:
         *_checks(plan, None),
         '[ "$fail" = 0 ] || exit 3',
         f"dir={sh(dir_)}",
-        'mkdir -p "${dir%/*}" && exec 9>>"${dir%/*}/.' + host.label + '.lock" || exit 3',
+        f'mkdir -p "${{dir%/*}}" && exec 9>>{sh(lock_file(plan.job, host))} || exit 3',
         "if command -v flock >/dev/null 2>&1 && ! flock -w 60 9; then",
         f"  echo {sh(f'exists: another launch of job {plan.job} holds its lock here')}; exit {EXISTS_CODE}",
         "fi",
@@ -373,12 +373,16 @@ def kill_payload(job: str | None, host: Host, grace: float, run: str | None = No
 def prune_payload(job: str, host: Host, dry: bool) -> str:
     """Remove a finished job's files on one host (its directory, earlier runs, its lock), never a live one.
 
-    The check runs here, at the moment of removal: a job relaunched since the survey is left alone.
+    The check runs here, at the moment of removal, under the lock a launch of the job holds on this
+    host: a job relaunched since the survey, or being launched now, is left alone.
     Prints `running`, or `files=N` (what was, or with `dry` would be, removed).
     """
-    base, label = sh(RemotePath(f"{JOBS_DIR}/{job}")), sh(host.label)
-    targets = f'{base}/{label} {base}/.previous/{label}-* {base}/.{host.label}.lock'
+    base, label, lock = sh(RemotePath(f"{JOBS_DIR}/{job}")), sh(host.label), sh(lock_file(job, host))
+    targets = f"{base}/{label} {base}/.previous/{label}-* {lock}"
     return "\n".join([
+        f"if [ -e {lock} ] && command -v flock >/dev/null 2>&1; then",
+        f"  exec 9>>{lock} && flock -n 9 || {{ echo running; exit 0; }}",
+        "fi",
         f"if {job_exists(job, host)}; then echo running; exit 0; fi",
         f"files=$(find {targets} 2>/dev/null | wc -l)",
         *([] if dry else [f"rm -rf {targets}", f"rmdir {base}/.previous {base} 2>/dev/null"]),

@@ -26,6 +26,10 @@ SEP = "\x1e" + secrets.token_hex(8)
 TAIL_LINES = 5  # at least 5: a torchrun node log's last 5 lines name a signalled worker (failures.worker_exit)
 
 
+# States a session cannot leave; the others (running, unknown) may still change.
+ENDED = frozenset({"succeeded", "failed", "killed", "lost"})
+
+
 @dataclass
 class WorkerError:
     """A TORCHELASTIC error file one torchrun worker wrote (its traceback under `@record`)."""
@@ -397,6 +401,11 @@ def error_message(error: dict[str, Any] | None) -> str:
     if isinstance(message, dict):
         message = message.get("message", "")
     return str(message).strip().splitlines()[-1] if str(message).strip() else ""
+
+
+def last_end(states: list[SessionState]) -> float:
+    """When the last of these sessions ended (or started, where no end was recorded); 0 if unknown."""
+    return max((s.ended or s.started or 0.0 for s in states), default=0.0)
 
 
 def first_failure(states: list[SessionState]) -> SessionState | None:

@@ -7,7 +7,6 @@ one round trip each, and an unreachable host is reported by name and makes the e
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -20,7 +19,21 @@ from fablaunch import failures, records, survey, ui
 from fablaunch.errors import JobNotFound, UsageError
 from fablaunch.executor import Executor
 from fablaunch.hostfile import Host, parse_host
-from fablaunch.jobs import Survey, latest_job, order, ranks_text, show_logs, stop_job, take_survey, targets, watch, who
+from fablaunch.jobs import (
+    CLEAN,
+    STOP_LOCK_WAIT,
+    Survey,
+    after_launch,
+    latest_job,
+    order,
+    ranks_text,
+    show_logs,
+    stop_job,
+    take_survey,
+    targets,
+    watch,
+    who,
+)
 from fablaunch.scripts import sh
 from fablaunch.spec import DEFAULT_PARALLEL, check_job_name
 from fablaunch.survey import SessionState
@@ -109,13 +122,9 @@ def summary(job: str, states: list[SessionState]) -> list[str]:
 
 
 FOLD_AFTER = 86400.0  # finished jobs that ended longer ago than this are folded into one line
-ENDED = frozenset({"succeeded", "failed", "killed", "lost"})
-
-
 def ended_before(states: list[SessionState], cutoff: float) -> bool:
     """Whether every session of a job has ended, the last of them before `cutoff`."""
-    ends = [s.ended or s.started or 0.0 for s in states]
-    return all(s.state in ENDED for s in states) and max(ends, default=0.0) < cutoff
+    return all(s.state in survey.ENDED for s in states) and survey.last_end(states) < cutoff
 
 
 def report(result: Survey, only: set[str] | None = None, fold: bool = False, now: float | None = None) -> None:
@@ -249,31 +258,9 @@ def attach(c, rank=None, host=None, job=None, hosts=None, gpus=None):
     os.execvp(argv[0], argv)
 
 
-STOP_LOCK_WAIT = 300.0  # seconds a stop waits for a launch of the same job from this project to finish
-
-
-@contextlib.contextmanager
-def after_launch(job: str) -> Any:
-    """Wait until no launch of `job` from this project is in progress, and keep new ones out meanwhile.
-
-    Stopping while a launch is still reaching its hosts would stop the hosts it has reached and
-    then let the rest start. A directory where the lock cannot be written cannot launch either.
-    """
-    try:
-        with records.lock(job):
-            yield
-            return
-    except records.Busy as exc:
-        ui.say(f"Waiting for the launch of {job} in progress (pid {exc.pid}) to finish before stopping it...",
-               "yellow", stderr=True)
-    except OSError:
-        yield
-        return
-    try:
-        with records.lock(job, wait=STOP_LOCK_WAIT):
-            yield
-    except records.Busy as exc:
-        raise Exit(f"fablaunch: {exc} for over {STOP_LOCK_WAIT:g}s; nothing was stopped", code=1) from None
+def _waiting(job: str, pid: int | None) -> None:
+    ui.say(f"Waiting for the launch of {job} in progress (pid {pid}) to finish before stopping it...", "yellow",
+           stderr=True)
 
 
 def confirm(question: str) -> bool:
@@ -324,8 +311,11 @@ def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None, all_=Fal
     bad = 0
     with Executor(c.config, parallel_flag(parallel), deadline=grace_s + 20) as ex:
         for name in names:
-            with after_launch(name):
-                job_rows, job_bad = stop_job(ex, targets(name, hosts, gpus), name, grace_s)
+            try:
+                with after_launch(name, on_wait=_waiting):
+                    job_rows, job_bad = stop_job(ex, targets(name, hosts, gpus), name, grace_s)
+            except records.Busy as exc:
+                raise Exit(f"fablaunch: {exc} for over {STOP_LOCK_WAIT:g}s; nothing was stopped", code=1) from None
             rows += [(r[0], name, *r[2:]) for r in job_rows]
             bad += job_bad
     return _report_stop(job or ", ".join(names), rows, bad, json_)
@@ -339,7 +329,7 @@ def _report_stop(what: str, rows: list[tuple[Any, ...]], bad: int, as_json: bool
         ui.say(f"Nothing to stop for {what} on {ui.plural(len({r[0] for r in rows}), 'host')}.")
     else:
         ui.table(f"Stop {what}", ("host", "jobs", "processes", "sessions", "result"), rows,
-                 ["green" if r[-1] in ("stopped", "nothing to stop") else "red" for r in rows],
+                 ["green" if r[-1] in CLEAN else "red" for r in rows],
                  key_columns=("host", "processes", "sessions"), free_columns=("jobs", "result"))
     if bad:
         raise Exit(f"fablaunch: {ui.plural(bad, 'host')} not verified clean", code=1)

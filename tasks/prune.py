@@ -13,7 +13,7 @@ from typing import Any
 
 from invoke import Exit
 
-from fablaunch import records, ui
+from fablaunch import records, survey, ui
 from fablaunch.executor import REMOTE_SHELL, Executor
 from fablaunch.hostfile import Host
 from fablaunch.jobs import take_survey, targets
@@ -23,18 +23,16 @@ from fablaunch.survey import SessionState
 from .flags import age_flag, parallel_flag, task, usage_errors
 from .jobs import TARGET_HELP
 
-ENDED = frozenset({"succeeded", "failed", "killed", "lost"})
-
 
 def prunable(states: list[SessionState], older_than: float | None, now: float) -> str | None:
     """Why a job must be kept (None: it may go): a session still running, unknown, or too recent."""
     if not states:
         return "not found on the hosts"
-    alive = [s for s in states if s.state not in ENDED]
+    alive = [s for s in states if s.state not in survey.ENDED]
     if alive:
         return f"{alive[0].state} ({ui.plural(len(alive), 'session')})"
     if older_than is not None:
-        ended = max((s.ended or s.started or 0.0) for s in states)
+        ended = survey.last_end(states)
         if ended and now - ended < older_than:
             return f"ended {int(now - ended)}s ago"
     return None

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+from pathlib import Path
 
 from tests.conftest import JOBS, Fab, live_pids, master_port, wait_until
 
@@ -50,3 +53,29 @@ def test_prune_refuses_a_bad_age(fab: Fab) -> None:
     for bad in ("soon", "-1h", "1.5d", "99999999999d"):
         result = fab("prune", "--older-than", bad)
         assert result.returncode == 2 and "--older-than" in result.stderr, (bad, result.stderr)
+
+
+def test_a_host_where_a_launch_of_the_job_holds_its_lock_is_not_pruned(tmp_path: Path) -> None:
+    from fablaunch.hostfile import parse_host
+    from fablaunch.scripts import prune_payload
+
+    host = parse_host("node1", "test")
+    job_dir = tmp_path / ".fablaunch" / "jobs" / "j"
+    (job_dir / "node1").mkdir(parents=True)
+    (job_dir / "node1" / "rank-0.log").write_text("done\n")
+    lock = job_dir / ".node1.lock"
+    lock.touch()
+    env = {**os.environ, "HOME": str(tmp_path), "TMUX_TMPDIR": str(tmp_path / "no-tmux")}
+    # A launch between its lock and its sessions; its own session, so its `sleep` (which holds the lock too) goes.
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "30"], start_new_session=True)
+    try:
+        wait_until(lambda: subprocess.run(["flock", "-n", str(lock), "true"]).returncode != 0, timeout=10)
+        held = subprocess.run(["bash", "-s"], input=prune_payload("j", host, False), env=env, capture_output=True,
+                              text=True, timeout=30)
+        assert held.stdout.strip() == "running" and (job_dir / "node1" / "rank-0.log").exists()
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    free = subprocess.run(["bash", "-s"], input=prune_payload("j", host, False), env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert free.stdout.strip().startswith("files=") and not job_dir.exists()
