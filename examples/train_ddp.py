@@ -86,6 +86,7 @@ def main() -> None:
     expected = world_size * (world_size - 1) / 2
     print(f"rank {rank} all_reduce sum of ranks = {total.item():.0f} (expected {expected:.0f}); "
           f"{args.steps} steps in {time.monotonic() - start:.1f}s", flush=True)
+    dist.barrier()  # no rank tears down while another still talks to the store (gloo aborts at exit)
     dist.destroy_process_group()
     if total.item() != expected:
         raise SystemExit(f"all_reduce gave {total.item()}, expected {expected}")

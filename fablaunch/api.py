@@ -19,7 +19,7 @@ from . import launcher
 from .errors import HostError, UsageError
 from .executor import Executor
 from .hostfile import Host
-from .jobs import CLEAN, after_launch, order, show_logs, stop_job, take_survey, targets, watch
+from .jobs import after_launch, order, show_logs, stop_job, take_survey, targets, watch
 from .spec import DEFAULT_PARALLEL, JobSpec, build_spec
 
 STATUS_DEADLINE = 20.0
@@ -81,16 +81,19 @@ class Job:
             raise HostError(f"logs of job {self.name}: {len(unreachable)} hosts did not answer", unreachable)
         return "".join(lines)
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = 10.0) -> list[dict[str, Any]]:
         """Stop every process of the job (SIGINT, `grace` seconds, SIGTERM, SIGKILL), then its sessions.
 
-        Raises HostError naming each host that could not be verified clean.
+        Returns per host what `fab stop --json` prints: processes found, sessions removed, `result`,
+        and `ended`: how each rank's (node's) processes ended (`exited on SIGINT`, `needed SIGTERM`,
+        `KILL needed`). Raises HostError naming each host that could not be verified clean.
         """
         with after_launch(self.name), self._executor(grace + 20) as ex:  # a launch of it from here first
-            rows, bad = stop_job(ex, self.hosts, self.name, grace)
+            done = stop_job(ex, self.hosts, self.name, grace)
+        bad = {d.host: d.result for d in done if not d.clean}
         if bad:
-            hosts = {row[0]: row[-1] for row in rows if row[-1] not in CLEAN}
-            raise HostError(f"job {self.name}: {len(hosts)} hosts not verified clean", hosts)
+            raise HostError(f"job {self.name}: {len(bad)} hosts not verified clean", bad)
+        return [d.as_json(self.name) for d in done]
 
 
 def _launch(mode: str, command: Iterable[str], *, spec: str | None, env: Mapping[str, str] | None,

@@ -22,15 +22,17 @@ class LaunchError(Exception):
     """A launch that did not start: why, the exit code the CLI gives, and what each host answered.
 
     `outcomes` (host spec -> executor Outcome) and `notes` (host spec -> what the rollback did) are
-    what the results table shows; `title` heads it. Nothing of the job is left running unless the
-    message says so (`--no-rollback`, or a rollback that could not be verified).
+    what the results table shows; `title` heads it and `passed` is what it says of a host that
+    answered well (`started`, or `ready` after a failed preflight, where nothing started). Nothing
+    of the job is left running unless the message says so (`--no-rollback`, or a rollback that could not be verified).
     """
 
     def __init__(self, message: str, code: int = 1, *, title: str = "", outcomes: dict[str, Any] | None = None,
-                 notes: dict[str, str] | None = None) -> None:
+                 notes: dict[str, str] | None = None, passed: str = "started") -> None:
         super().__init__(message)
         self.code = code
         self.title = title
+        self.passed = passed
         self.outcomes = outcomes or {}
         self.notes = notes or {}
 

@@ -298,15 +298,19 @@ class Executor:
         *,
         deadline: DeadlineArg = ...,
         patient: bool | None = None,
+        on_line: Callable[[str, str], None] | None = None,
     ) -> dict[str, Outcome]:
         """Run each host's (command, stdin) and return outcomes keyed by host spec.
 
-        `on_done` is called in the caller's thread as each host finishes (for progress bars).
+        `on_done` is called in the caller's thread as each host finishes (for progress bars);
+        `on_line(host spec, line)` in a worker thread as each stdout line arrives.
         `deadline`/`patient` replace the executor's for this call (None: no deadline).
         A KeyboardInterrupt propagates at once; `close()` (the end of `with Executor`) ends the hosts
         still running.
         """
-        return self._gather({h.spec: functools.partial(self.run_one, h, cmd, stdin, deadline=deadline, patient=patient)
+        return self._gather({h.spec: functools.partial(self.run_one, h, cmd, stdin,
+                                                       on_line and functools.partial(on_line, h.spec),
+                                                       deadline=deadline, patient=patient)
                              for h, (cmd, stdin) in commands.items()}, on_done)
 
     def run_one(self, host: Host, command: str, stdin: str | None = None,

@@ -70,7 +70,8 @@ class Failure:
         if self.kind == "rank":
             return f"rank {self.rank}"
         if self.kind == "worker":
-            return f"node {self.node} worker {'?' if self.local_rank is None else self.local_rank}"
+            worker = f"node {self.node} worker {'?' if self.local_rank is None else self.local_rank}"
+            return worker if self.rank is None else f"rank {self.rank} ({worker})"
         return f"node {self.node}"
 
     def as_json(self) -> dict[str, Any]:
@@ -163,7 +164,8 @@ def _from_error(base: Failure, error: dict[str, Any] | None, file: str, when: fl
 
 
 def _worker(s: SessionState, w: WorkerError) -> Failure:
-    base = Failure(s.job, s.host, s.session, "worker", None, s.node, w.local_rank, None)
+    rank = s.ranks[w.local_rank] if w.local_rank is not None and 0 <= w.local_rank < len(s.ranks) else None
+    base = Failure(s.job, s.host, s.session, "worker", rank, s.node, w.local_rank, None)
     return _from_error(base, w.error, w.path, w.mtime)
 
 

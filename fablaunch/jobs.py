@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from . import records, survey, ui
+from . import records, slurm, survey, ui
 from .errors import JobNotFound, UsageError
 from .executor import REMOTE_SHELL, Executor, Outcome
 from .hostfile import Host, parse_host, read_gpus, read_hosts
@@ -44,7 +44,7 @@ def targets(job: str | None, hosts: str | None, gpus: str | None) -> list[Host]:
         if given or path.exists():
             for host in reader(path):
                 found.setdefault(host.spec, host)
-    if not found:
+    if not found and not any(job is None or r["job"] == job for r in slurm.slurm_records()):
         raise UsageError("--hosts/--gpus", "no host files here and no launch records: name the hosts to ask")
     return list(found.values())
 
@@ -67,7 +67,96 @@ def order(s: SessionState) -> tuple[str, int, int]:
     return (s.launched, s.rank if s.rank is not None else -1, s.node if s.node is not None else -1)
 
 
+class Backend(Protocol):
+    """What differs between running a job's sessions in tmux over ssh and as tasks of a Slurm job.
+
+    The plan's contract, the per-rank files and everything read from them (states, first failure,
+    logs) are shared; a backend only says how its sessions' states are read, how they are stopped,
+    and where their files can be read from.
+    """
+
+    name: str  # what SessionState.backend says of its sessions
+
+    def survey(self, job: str | None) -> Survey: ...
+
+    def stop(self, job: str | None, grace: float, on_progress: Callable[[str, str], Any] | None) -> list[Stopped]:
+        ...
+
+    def files_host(self, state: SessionState) -> Host | None: ...
+
+
+class SshBackend:
+    """Sessions in tmux on the hosts of host files and launch records, reached over ssh."""
+
+    name = "ssh"
+
+    def __init__(self, ex: Executor, hosts: list[Host]) -> None:
+        self.ex, self.hosts = ex, hosts
+
+    def survey(self, job: str | None) -> Survey:
+        return _ssh_survey(self.ex, self.hosts, job)
+
+    def stop(self, job: str | None, grace: float, on_progress: Callable[[str, str], Any] | None) -> list[Stopped]:
+        return _ssh_stop(self.ex, self.hosts, job, grace, on_progress)
+
+    def files_host(self, state: SessionState) -> Host | None:
+        return next((h for h in self.hosts if h.spec == state.host), None)
+
+
+class SlurmBackend:
+    """This project's Slurm jobs: tasks of a Slurm job, their files in a directory every node shares."""
+
+    name = "slurm"
+
+    def __init__(self, recs: list[dict[str, Any]]) -> None:
+        self.recs = recs
+
+    def survey(self, job: str | None) -> Survey:
+        states: list[SessionState] = []
+        failed: dict[str, str] = {}
+        for rec in self.recs:
+            if job is None or rec["job"] == job:
+                try:
+                    states += slurm.survey_job(rec)
+                except slurm.SlurmError as exc:
+                    failed[f"slurm job {rec['slurm_job']}"] = str(exc)
+        return Survey(states, failed)
+
+    def stop(self, job: str | None, grace: float, on_progress: Callable[[str, str], Any] | None) -> list[Stopped]:
+        done = []
+        for rec in self.recs:
+            if job is None or rec["job"] == job:
+                done.append(slurm_stop(rec, grace, on_progress))
+        return done
+
+    def files_host(self, state: SessionState) -> Host | None:
+        return LOCAL  # the shared directory, read here
+
+
+LOCAL = parse_host("localhost", "fablaunch")
+
+
+def backends(ex: Executor, hosts: list[Host], job: str | None) -> list[Backend]:
+    """The backends a job (every job: None) may run on: its hosts over ssh, and this project's Slurm jobs."""
+    found: list[Backend] = [SshBackend(ex, hosts)] if hosts else []
+    recs = [r for r in slurm.slurm_records() if job is None or r["job"] == job]
+    if recs:
+        found.append(SlurmBackend(recs))
+    return found
+
+
 def take_survey(ex: Executor, hosts: list[Host], job: str | None) -> Survey:
+    """What every session of a job (every job: None) is doing, on every backend it may run on."""
+    states: list[SessionState] = []
+    unreachable: dict[str, str] = {}
+    for backend in backends(ex, hosts, job):
+        result = backend.survey(job)
+        states += result.states
+        unreachable.update(result.unreachable)
+    return Survey(states, unreachable)
+
+
+def _ssh_survey(ex: Executor, hosts: list[Host], job: str | None) -> Survey:
     """Ask every host what its sessions are doing; unreachable hosts' recorded sessions are `unknown`."""
     outcomes = ex.run({h: (REMOTE_SHELL, survey.payload(h, job)) for h in hosts})
     states: list[SessionState] = []
@@ -243,10 +332,15 @@ def show_logs(ex: Executor, hosts: list[Host], job: str, ranks: list[int], only_
         raise UsageError("--job", f"no logs of job {job} found on the hosts"
                          + (f" (unreachable: {', '.join(result.unreachable)})" if result.unreachable else ""))
     printer = LinePrinter([p.state for p in picks], write)
-    by_host = {h.spec: h for h in hosts}
+    readers = {b.name: b for b in backends(ex, hosts, job)}
+    by_host: dict[str, Host] = {}
     per_host: dict[str, list[Pick]] = {}
-    for p in picks:
-        per_host.setdefault(p.state.host, []).append(p)
+    for p in picks:  # each session's files are read where its backend says they are
+        backend = readers.get(p.state.backend)
+        reader = backend.files_host(p.state) if backend else None
+        if reader is not None:
+            by_host[reader.spec] = reader
+            per_host.setdefault(reader.spec, []).append(p)
 
     def one(spec: str) -> Outcome:
         return ex.run_one(by_host[spec], REMOTE_SHELL, logs_payload(per_host[spec], lines, follow, job), printer)
@@ -286,29 +380,114 @@ def after_launch(job: str, wait: float = STOP_LOCK_WAIT,
 
 
 CLEAN = ("stopped", "nothing to stop")  # a stop's per-host results that leave nothing of the job behind
+HOW_ENDED = {"INT": "exited on SIGINT", "TERM": "needed SIGTERM", "KILL": "KILL needed",
+             "survived": "survived SIGKILL"}
 
 
-def stop_job(ex: Executor, hosts: list[Host], job: str | None, grace: float) -> tuple[list[tuple[Any, ...]], int]:
-    """Stop a job (or all jobs) on every host; return rows (host, jobs, processes, sessions, result) and
-    how many hosts are not verified clean."""
-    outcomes = ex.run({h: (REMOTE_SHELL, kill_payload(job, h, grace)) for h in hosts})
-    rows: list[tuple[Any, ...]] = []
-    bad = 0
+@dataclass
+class Stopped:
+    """What a stop did on one host: processes found, sessions removed, how each session's processes ended."""
+
+    host: str
+    jobs: str = ""
+    processes: int | None = None
+    sessions: int | None = None
+    result: str = ""
+    ends: tuple[tuple[str, str], ...] = ()  # (session marker NAME@HOST, INT / TERM / KILL / survived)
+
+    @property
+    def clean(self) -> bool:
+        return self.result in CLEAN
+
+    def ended(self, job: str | None = None) -> str:
+        """How the sessions ended, grouped: `rank 0, 1: exited on SIGINT; rank 2: KILL needed`."""
+        groups: dict[str, list[str]] = {}
+        for marker, how in self.ends:
+            groups.setdefault(how, []).append(session_who(marker.rsplit("@", 1)[0], job))
+        return "; ".join(f"{', '.join(whos)}: {HOW_ENDED.get(how, how)}"
+                         for how, whos in sorted(groups.items(), key=lambda g: list(HOW_ENDED).index(g[0])
+                                                 if g[0] in HOW_ENDED else 9))
+
+    def as_json(self, job: str | None = None) -> dict[str, Any]:
+        return {"host": self.host, "jobs": self.jobs or None, "processes": self.processes,
+                "sessions": self.sessions, "result": self.result,
+                "ended": [{"session": m.rsplit("@", 1)[0], "who": session_who(m.rsplit("@", 1)[0], job),
+                           "how": HOW_ENDED.get(how, how)} for m, how in self.ends]}
+
+
+def session_who(session: str, job: str | None = None) -> str:
+    """`rank 3` / `node 1` for a session of `job` (its name is JOB-rank-N or JOB-node-K), else the name."""
+    if job and session.startswith(f"{job}-"):
+        kind, _, number = session[len(job) + 1:].partition("-")
+        if kind in ("rank", "node") and number.isdigit():
+            return f"{kind} {number}"
+    return session
+
+
+def stop_progress(line: str) -> str | None:
+    """A stop payload's progress line (`sent INT 4`, `remain INT 2`) in words; None for other lines."""
+    words = line.split()
+    if len(words) != 3 or words[0] not in ("sent", "remain") or not words[2].isdigit():
+        return None
+    sig, n = f"SIG{words[1]}", int(words[2])
+    if words[0] == "sent":
+        return f"{sig} to {ui.plural(n, 'process')}"
+    return f"all gone after {sig}" if n == 0 else f"{ui.plural(n, 'process')} left after {sig}"
+
+
+def stop_job(ex: Executor, hosts: list[Host], job: str | None, grace: float,
+             on_progress: Callable[[str, str], Any] | None = None) -> list[Stopped]:
+    """Stop a job (or all jobs) on every backend; one Stopped per host (per Slurm job), hosts in order.
+
+    `on_progress(host, text)` is told each signal sent and what is left after it, as it happens.
+    """
+    done: list[Stopped] = []
+    for backend in backends(ex, hosts, job):
+        done += backend.stop(job, grace, on_progress)
+    return done
+
+
+def slurm_stop(rec: dict[str, Any], grace: float, on_progress: Callable[[str, str], Any] | None) -> Stopped:
+    """Stop one Slurm job and say how each of its sessions ended, from their exit records."""
+    where = f"slurm job {rec['slurm_job']}"
+    try:
+        did = slurm.stop(rec, grace, on_progress)
+        states = slurm.survey_job(rec)
+    except slurm.SlurmError as exc:
+        return Stopped(where, rec["job"], result=str(exc))
+    how = {2: "INT", 15: "TERM", 9: "KILL"}
+    ran = any(p in how.values() for p in did["phases"])  # signals went to tasks (not a pending job's cancel)
+    ends = tuple((f"{s.session}@{s.host}", how.get(s.signal or 0, "KILL") if s.state == "killed" else "KILL")
+                 for s in states if s.state in ("killed", "cancelled") and (s.rank, s.node) != (None, None)) \
+        if ran else ()
+    return Stopped(where, rec["job"], None, len(states) if did["phases"] else 0, did["result"], ends)
+
+
+def _ssh_stop(ex: Executor, hosts: list[Host], job: str | None, grace: float,
+              on_progress: Callable[[str, str], Any] | None = None) -> list[Stopped]:
+    def line(spec: str, text: str) -> None:
+        said = stop_progress(text)
+        if said and on_progress:
+            on_progress(spec, said)
+
+    outcomes = ex.run({h: (REMOTE_SHELL, kill_payload(job, h, grace)) for h in hosts}, on_line=line)
+    done = []
     for host in hosts:
         o = outcomes[host.spec]
-        fields = dict(f.split("=", 1) for f in o.stdout.split() if "=" in f) if o.ok else {}
-        if not o.ok or "left" not in fields:
-            rows.append((host.spec, "", "", "", f"unreachable: {o.why()}" if not o.reached else o.why()))
-            bad += 1
+        lines = o.stdout.splitlines() if o.ok else []
+        last = lines[-1] if lines and lines[-1].startswith("found=") else ""
+        fields = dict(f.split("=", 1) for f in last.split() if "=" in f)
+        if "left" not in fields:
+            done.append(Stopped(host.spec, result=f"unreachable: {o.why()}" if not o.reached else o.why()))
             continue
+        ends = tuple((w[1], w[2]) for w in (ln.split() for ln in lines) if len(w) == 3 and w[0] == "ended")
         found, left, sessions = int(fields["found"]), int(fields["left"]), int(fields["sessions"])
         if left:
             result = f"{ui.plural(left, 'process')} survived SIGKILL"
-            bad += 1
         else:
             result = "stopped" if found or sessions else "nothing to stop"
-        rows.append((host.spec, fields.get("jobs", ""), found, sessions, result))
-    return rows, bad
+        done.append(Stopped(host.spec, fields.get("jobs", ""), found, sessions, result, ends))
+    return done
 
 
 def exit_code_of(failure: SessionState) -> int:
@@ -361,5 +540,7 @@ def watch(ex: Executor, hosts: list[Host], job: str, timeout: float | None = Non
 
 
 def who(s: SessionState) -> str:
-    """`rank N` (per-GPU jobs) or `node K` (torchrun jobs)."""
+    """`rank N` (per-GPU jobs) or `node K` (torchrun jobs); a Slurm job none of whose tasks started: its id."""
+    if s.rank is None and s.node is None:
+        return f"slurm job {s.slurm_job}" if s.slurm_job else s.session
     return f"rank {s.rank}" if s.rank is not None else f"node {s.node}"

@@ -285,7 +285,8 @@ def _refuse_failed(plan: Plan, outcomes: dict[str, Outcome]) -> None:
     if bad:
         raise LaunchError(f"{len(bad)} of {ui.plural(len(plan.hosts), 'host')} cannot run job {plan.job}; "
                    "nothing was launched",
-                          title=f"Preflight of {plan.job} failed: nothing was launched", outcomes=dict(outcomes))
+                          title=f"Preflight of {plan.job} failed: nothing was launched", outcomes=dict(outcomes),
+                          passed="ready; not launched")
 
 
 def stop_running(ex: Executor, plan: Plan) -> None:

@@ -54,11 +54,14 @@ def is_secret(key: str, marked: Collection[str] = ()) -> bool:
     return key in marked or bool(_SECRET.search(key))
 
 
-def masked(key: str, value: str, marked: Collection[str] = ()) -> str:
-    """A variable's value as a dry run shows it (shell-quoted): MASK for a secret, URL passwords masked."""
+def masked(key: str, value: str, marked: Collection[str] = (), quote: bool = True) -> str:
+    """A variable's value as a dry run shows it (shell-quoted unless not `quote`): MASK for a secret,
+    URL passwords masked."""
     if is_secret(key, marked):
         return MASK
     shown = _URL_PASSWORD.sub(rf"\g<1>{MASK}", value)
+    if not quote:
+        return str.__str__(shown)
     return sh(value if shown == value else shown)  # unchanged: keep a RemotePath's `~` expanding
 
 
@@ -333,7 +336,8 @@ def kill_payload(job: str | None, host: Host, grace: float, run: str | None = No
     first (torchrun forwards it and training code can save), then SIGTERM, then SIGKILL. With `run`
     (a rollback) only that launch's processes and sessions are stopped, and its files are moved
     aside so the job it never became leaves no trace in `status`.
-    Prints `found=N left=M sessions=K jobs=a,b`.
+    Prints progress as it goes (`sent SIG N`, `remain SIG N`), how each session's processes ended
+    (`ended SESSION@HOST SIG`, or `survived`), and last `found=N left=M sessions=K jobs=a,b`.
     """
     listing = tmux.list_command(job, host.spec)
     if run:  # only the sessions whose pane is one of this run's processes
@@ -352,17 +356,28 @@ def kill_payload(job: str | None, host: Host, grace: float, run: str | None = No
                     "done"]
     return "\n".join([
         f"pids() {{ {tagged_pids(job, host, run)}; }}",
-        "signal_all() { p=$(pids); [ -z \"$p\" ] || kill -s \"$1\" $p 2>/dev/null; }",
         "wait_gone() {",
         "  end=$(( $(date +%s%N) + $1 * 1000000 ))",
         "  while [ -n \"$(pids)\" ] && [ \"$(date +%s%N)\" -lt \"$end\" ]; do sleep 0.1; done",
         "}",
+        # The sessions that still have a process, so that each one's end can be told by signal.
+        f"marks() {{ for p in $(pids); do tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | "
+        f"sed -n 's/^{SESSION_VAR}=\\([A-Za-z0-9_.@-]*\\)$/\\1/p'; done | sort -u; }}",
+        "phase() {",
+        "  p=$(pids); n=$(printf '%s' \"$p\" | wc -w); [ \"$n\" = 0 ] && return 0",
+        "  echo \"sent $1 $n\"; kill -s \"$1\" $p 2>/dev/null; wait_gone \"$2\"",
+        "  now=$(marks); for m in $live; do",
+        "    case \" $(echo $now) \" in *\" $m \"*) ;; *) echo \"ended $m $1\" ;; esac",
+        "  done; live=$now; echo \"remain $1 $(pids | wc -w)\"",
+        "}",
         "initial=$(pids | paste -sd' ' -)",
         "found=$(printf '%s' \"$initial\" | wc -w)",
+        "live=$(marks)",
         f"jobs=$({listing} | cut -d{sh(tmux.FIELD_SEP)} -f2 | sort -u | paste -sd, -)",
-        f"[ \"$found\" = 0 ] || {{ signal_all INT; wait_gone {int(grace * 1000)}; }}",
-        "[ -z \"$(pids)\" ] || { signal_all TERM; wait_gone 3000; }",
-        "[ -z \"$(pids)\" ] || { signal_all KILL; wait_gone 3000; }",
+        f"phase INT {int(grace * 1000)}",
+        "phase TERM 3000",
+        "phase KILL 3000",
+        "for m in $live; do echo \"ended $m survived\"; done",
         "sessions=0",
         *sessions,
         "echo \"found=$found left=$(pids | wc -l) sessions=$sessions jobs=$jobs\"",

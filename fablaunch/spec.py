@@ -59,6 +59,7 @@ class JobSpec:
     python: str | None = None
     workdir: str | None = None
     port: int = DEFAULT_PORT
+    port_given: bool = field(default=False, compare=False)  # else a Slurm job derives its port from its id
     master_addr: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     parallel: int = DEFAULT_PARALLEL
@@ -66,6 +67,7 @@ class JobSpec:
     max_restarts: int | None = None
     torchrun_args: list[str] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)  # env keys a dry run masks besides secret-looking ones
+    slurm: dict[str, Any] = field(default_factory=dict)  # the `slurm:` section and --slurm flags (SLURM_KEYS)
 
 
 # What each spec key must be, for the error message and the check.
@@ -84,6 +86,12 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "max_restarts": (int,),
     "torchrun_args": (list,),
     "secrets": (list,),
+    "slurm": (dict,),
+}
+# The keys of a spec's `slurm:` section (the --slurm launch flags), with their kinds.
+SLURM_KEYS: dict[str, type] = {
+    "nodes": int, "gpus_per_node": int, "partition": str, "time": str, "account": str, "nodelist": str,
+    "exclude": str, "sbatch_args": list, "logdir": str,
 }
 _KIND_NAMES = {list: "a list", str: "a string", int: "an integer", dict: "a mapping"}
 # Spec keys whose JobSpec field has another name.
@@ -208,6 +216,8 @@ def _option(path: str, loader: Any, key: str, node: Any) -> Any:
     where = f"{path}: key {key!r}"
     if key == "env" and node.id == "mapping":
         return _env(path, loader, node)
+    if key == "slurm" and node.id == "mapping":
+        return _slurm(path, loader, node)
     if key in ("command", "torchrun_args", "secrets") and node.id == "sequence":
         words = [_word(where, item) for item in node.value]
         if key == "secrets":
@@ -228,6 +238,25 @@ def _option(path: str, loader: Any, key: str, node: Any) -> Any:
         except ValueError as exc:
             raise UsageError(where, f"cannot split into arguments: {exc}") from None
     return str(value) if key == "nproc_per_node" else value
+
+
+def _slurm(path: str, loader: Any, node: Any) -> dict[str, Any]:
+    """The `slurm:` section: known keys only, integers as plain decimals, words as written."""
+    options: dict[str, Any] = {}
+    for key, _, value in _mapping(path, loader, node, "slurm."):
+        where = f"{path}: key 'slurm.{key}'"
+        kind = SLURM_KEYS.get(key)
+        if kind is None:
+            raise UsageError(where, f"unknown key; the slurm section takes {', '.join(SLURM_KEYS)}")
+        if kind is list:
+            if value.id != "sequence":
+                raise UsageError(where, "must be a list of arguments")
+            options[key] = [_word(where, item) for item in value.value]
+        elif value.id != "scalar" or (kind is int and not _DECIMAL.fullmatch(value.value)):
+            raise UsageError(where, f"must be {'a plain decimal number' if kind is int else 'a string'}")
+        else:
+            options[key] = int(value.value) if kind is int else value.value
+    return options
 
 
 def _word(where: str, node: Any) -> str:
@@ -312,6 +341,7 @@ def build_spec(spec_path: str | None, command: list[str], **flags: Any) -> JobSp
     for name, value in flags.items():
         if value is not None:
             data[name] = value
+    data["port_given"] = "port" in data
     spec = JobSpec(**{f.name: data[f.name] for f in fields(JobSpec) if f.name in data})
     check_spec(spec)
     return spec

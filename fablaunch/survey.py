@@ -27,7 +27,9 @@ TAIL_LINES = 5  # at least 5: a torchrun node log's last 5 lines name a signalle
 
 
 # States a session cannot leave; the others (running, unknown) may still change.
-ENDED = frozenset({"succeeded", "failed", "killed", "lost"})
+# States of a session that has ended; the last three are Slurm's word for a task it ended itself.
+ENDED = frozenset({"succeeded", "failed", "killed", "lost", "cancelled", "timeout", "node fail"})
+BAD_ENDS = frozenset({"failed", "killed", "cancelled", "timeout", "node fail"})
 
 
 @dataclass
@@ -83,6 +85,8 @@ class SessionState:
     # and where that came from: "torchrun" (the RANK torchrun gave a live worker) or "assumed" (see fill_ranks).
     ranks: list[int] = field(default_factory=list)
     ranks_source: str = ""
+    backend: str = "ssh"  # ssh (a tmux session on a host) or slurm (a task of a Slurm job)
+    slurm_job: str | None = None
     # torchrun mode: the node's workers' stdout/stderr logs of its newest attempt, with their last lines.
     worker_logs: list[WorkerLog] = field(default_factory=list)
 
@@ -103,7 +107,7 @@ class SessionState:
 
     @property
     def ended_badly(self) -> bool:
-        return self.state in ("failed", "killed")
+        return self.state in BAD_ENDS
 
     @property
     def failed_at(self) -> float | None:
@@ -112,12 +116,17 @@ class SessionState:
         return min(times) if times else None
 
 
-def payload(host: Host, job: str | None) -> str:
-    """Dump this host's tagged sessions, live processes and job files; `job` None means every job."""
-    glob = f"{sh(RemotePath(JOBS_DIR))}/{sh(job) if job is not None else '*'}/{sh(host.label)}/manifest.json"
-    return "\n".join([
-        f"sep=$'{SEP}'",
-        'printf "%sNOW %s\\n" "$sep" "$(date +%s.%N)"',
+def payload(host: Host, job: str | None, files_in: str | None = None) -> str:
+    """Dump this host's tagged sessions, live processes and job files; `job` None means every job.
+
+    `files_in` reads only the job files under that directory, every node's (a Slurm job's shared
+    directory): what runs there is Slurm's to say, and this machine's tmux and /proc know nothing of it.
+    """
+    if files_in is None:
+        glob = f"{sh(RemotePath(JOBS_DIR))}/{sh(job) if job is not None else '*'}/{sh(host.label)}/manifest.json"
+    else:
+        glob = f"{sh(files_in)}/{sh(job) if job is not None else '*'}/*/manifest.json"
+    live = [] if files_in is not None else [
         'printf "%sTMUX\\n" "$sep"',
         tmux.list_command(job, host.spec),
         # Which session each live process belongs to: a rank outlives a killed tmux server.
@@ -126,6 +135,11 @@ def payload(host: Host, job: str | None) -> str:
         # processes that carry a session marker of ours).
         f"grep -Hasxz -E -- {sh('(' + SESSION_VAR + '=[A-Za-z0-9_.@+=-]+|RANK=[0-9]+|LOCAL_RANK=[0-9]+)')} "
         "/proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'",
+    ]
+    return "\n".join([
+        f"sep=$'{SEP}'",
+        'printf "%sNOW %s\\n" "$sep" "$(date +%s.%N)"',
+        *live,
         f"for m in {glob}; do",
         '  [ -f "$m" ] || continue',
         '  d=${m%/manifest.json}',

@@ -15,6 +15,12 @@ import fabric
 from invoke import Exit
 
 
+def command_argv() -> list[str]:
+    """The tokens after `--`, exactly as the shell passed them (see Executor); the only reader of sys.argv."""
+    argv = sys.argv
+    return argv[argv.index("--") + 1:] if "--" in argv else []
+
+
 class Executor(fabric.Executor):
     """Fabric's executor, minus its handling of the `--` remainder (the tasks read it themselves)."""
 

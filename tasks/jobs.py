@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from invoke import Exit
@@ -20,13 +22,14 @@ from fablaunch.errors import JobNotFound, UsageError
 from fablaunch.executor import Executor
 from fablaunch.hostfile import Host, parse_host
 from fablaunch.jobs import (
-    CLEAN,
     STOP_LOCK_WAIT,
+    Stopped,
     Survey,
     after_launch,
     latest_job,
     order,
     ranks_text,
+    select,
     show_logs,
     stop_job,
     take_survey,
@@ -73,6 +76,8 @@ def describe_end(s: SessionState) -> str:
         return f"exit {s.exit_code}"
     if s.state == "killed":
         return f"signal {s.signal}"
+    if s.state in ("cancelled", "timeout", "node fail"):
+        return f"{s.state} by Slurm"
     return "exit 0" if s.state == "succeeded" else ""
 
 
@@ -92,8 +97,9 @@ def job_table(job: str, states: list[SessionState]) -> ui.TableSpec:
     numbers: tuple[str, ...] = (number,) if mode == "gpus" else (number, "ranks")
     rows = []
     for s in states:
-        last = f"{s.last_line}  ({_age(s.log_age)} ago)" if s.last_line else ""
-        which = (s.rank,) if mode == "gpus" else (s.node, ranks_text(s))
+        last = f"{s.last_line}  ({_age(s.log_age)} ago)" if s.last_line and s.log_age is not None else s.last_line
+        which = ("" if s.rank is None else s.rank,) if mode == "gpus" else ("" if s.node is None else s.node,
+                                                                              ranks_text(s))
         rows.append((s.host, s.session, *which, shown_state(s), describe_end(s), s.pid or "", _age(s.runtime), last))
     return ui.TableSpec(f"job {job} ({mode})",
                         ("host", "session", *numbers, "state", "exit", "pid", "run time", "last log line"), rows,
@@ -110,11 +116,13 @@ def summary(job: str, states: list[SessionState]) -> list[str]:
     first = survey.first_failure(states)
     if first is None:
         return [line]
-    lines = [f"{line}; first failure: {who(first)} on {first.host} ({describe_end(first)})"]
     message = survey.error_message(first.error)
     root = failures.first(failures.collect(states))
-    if root and root.kind == "worker":  # torchrun: the worker's own exception, not its agent's echo
-        message = f"{root.who} on {root.host}: {failures.describe(root)}"
+    if root and root.kind == "worker":  # torchrun: the worker (a global rank) and its own end, not its agent's echo
+        lines = [f"{line}; first failure: {root.who} on {root.host}", f"  error: {failures.describe(root)}"]
+        message = ""
+    else:
+        lines = [f"{line}; first failure: {who(first)} on {first.host} ({describe_end(first)})"]
     if message:
         lines.append(f"  error: {message}")
     lines += [f"  | {t}" for t in first.tail]
@@ -215,33 +223,38 @@ def say_unreachable(unreachable: dict[str, str]) -> None:
 
 
 @task(help={"job": "Job name (default: the job launched last from here).",
-            "rank": "Attach to this rank's session (per-GPU jobs) or node's (torchrun jobs).",
+            "rank": "Attach to this global rank's session (a torchrun job: the node running that worker).",
+            "node": "Attach to this node's session (a torchrun node's agent; in per-GPU jobs its first rank).",
             "host": "Attach to the first session of the job on this host.",
             "hosts": TARGET_HELP["hosts"], "gpus": TARGET_HELP["gpus"]})
 @usage_errors
-def attach(c, rank=None, host=None, job=None, hosts=None, gpus=None):
+def attach(c, rank=None, node=None, host=None, job=None, hosts=None, gpus=None):
     """Open an interactive terminal in one session of a job (tmux attach over ssh -t; detach with C-b d).
 
     If that session has ended, says so and points to `fab logs`.
     """
-    if rank is None and host is None:
-        raise UsageError("--rank/--host", "say which session: --rank N or --host HOST")
-    number = int_flag(rank, "--rank")
+    if rank is None and node is None and host is None:
+        raise UsageError("--rank/--node/--host", "say which session: --rank N, --node K or --host HOST")
+    number, node_number = int_flag(rank, "--rank"), int_flag(node, "--node")
     host_list = targets(job, hosts, gpus)
     with Executor(c.config, DEFAULT_PARALLEL, deadline=20) as ex:
         job = job or latest_job(ex, host_list)
         result = take_survey(ex, host_list, job)
-    matches = [s for s in result.states if s.job == job
-               and (number is None or (s.rank if s.rank is not None else s.node) == number)
-               and (host is None or s.host == host)]
+    mine = [s for s in result.states if s.job == job]
+    picks = select(job, mine, [] if number is None else [number], [] if node_number is None else [node_number])
+    matches = [p.state for p in picks if (host is None or p.state.host == host)
+               and (node_number is None or p.state.node == node_number)]
     if not matches:
-        raise UsageError("--rank/--host", f"job {job} has no such session"
+        raise UsageError("--rank/--node/--host", f"job {job} has no such session"
                          + (f" (unreachable: {', '.join(result.unreachable)})" if result.unreachable else ""))
     target = matches[0]
     if target.state != "running":
+        flag = f"--rank {number}" if number is not None else f"--node {target.node}"
         raise Exit(f"fablaunch: {target.session} on {target.host} has ended ({target.state} {describe_end(target)}); "
-                   f"see its output with: fab logs --job {job} --rank {number if number is not None else target.node}",
-                   code=1)
+                   f"see its output with: fab logs --job {job} {flag}", code=1)
+    if target.mode == "torchrun" and number is not None:
+        ui.say(f"rank {number} is a worker of node {target.node}: attaching to that node's torchrun session",
+               stderr=True)
     tmux_cmd = f"tmux attach-session -t {sh('=' + target.session)}"
     h = parse_host(target.host, "session host")
     if h.is_local:
@@ -299,38 +312,55 @@ def stop(c, job=None, grace=None, hosts=None, gpus=None, parallel=None, all_=Fal
                 f"({', '.join(h.spec for h in host_list[:8])}{', ...' if len(host_list) > 8 else ''})?"):
             raise Exit("fablaunch: nothing was stopped", code=1)
         with Executor(c.config, parallel_flag(parallel), deadline=grace_s + 20) as ex:
-            rows, bad = stop_job(ex, host_list, None, grace_s)
-        return _report_stop("every job", rows, bad, json_)
+            done = stop_job(ex, host_list, None, grace_s, None if json_ else _progress(len(host_list)))
+        return _report_stop("every job", [(None, d) for d in done], json_)
     names = [job] if job is not None else [r["job"] for r in records.load_all()]
     if not names:
         raise UsageError("--job", "no job was launched from this directory (no launch records in "
                          f"{records.RECORDS_DIR}): name one with --job, or stop every job on the hosts with --all")
     if job is None and not json_:
         ui.say(f"Stopping the jobs launched from this directory: {', '.join(names)}")
-    rows: list[tuple[Any, ...]] = []
-    bad = 0
+    stopped: list[tuple[str | None, Stopped]] = []
     with Executor(c.config, parallel_flag(parallel), deadline=grace_s + 20) as ex:
         for name in names:
+            host_list = targets(name, hosts, gpus)
             try:
                 with after_launch(name, on_wait=_waiting):
-                    job_rows, job_bad = stop_job(ex, targets(name, hosts, gpus), name, grace_s)
+                    done = stop_job(ex, host_list, name, grace_s, None if json_ else _progress(len(host_list)))
             except records.Busy as exc:
                 raise Exit(f"fablaunch: {exc} for over {STOP_LOCK_WAIT:g}s; nothing was stopped", code=1) from None
-            rows += [(r[0], name, *r[2:]) for r in job_rows]
-            bad += job_bad
-    return _report_stop(job or ", ".join(names), rows, bad, json_)
+            stopped += [(name, d) for d in done]
+    return _report_stop(job or ", ".join(names), stopped, json_)
 
 
-def _report_stop(what: str, rows: list[tuple[Any, ...]], bad: int, as_json: bool = False) -> None:
+def _progress(hosts: int) -> Callable[[str, str], None]:
+    """Stop's progress lines on stderr (`node1: SIGINT to 4 processes`), so a long grace is not silence.
+
+    With many hosts only what goes beyond SIGINT is told: one line per host would drown the table.
+    """
+    lock = threading.Lock()
+
+    def told(host: str, text: str) -> None:
+        if hosts > 8 and "SIGINT" in text:
+            return
+        with lock:
+            ui.say(f"  {host}: {text}", "dim", stderr=True)
+
+    return told
+
+
+def _report_stop(what: str, stopped: list[tuple[str | None, Stopped]], as_json: bool = False) -> None:
+    bad = sum(1 for _, d in stopped if not d.clean)
     if as_json:
-        keys = ("host", "jobs", "processes", "sessions", "result")
-        print(json.dumps([{k: None if v == "" else v for k, v in zip(keys, r, strict=True)} for r in rows], indent=2))
-    elif all(r[-1] == "nothing to stop" for r in rows):
-        ui.say(f"Nothing to stop for {what} on {ui.plural(len({r[0] for r in rows}), 'host')}.")
+        print(json.dumps([{**d.as_json(job), **({"jobs": job} if job else {})} for job, d in stopped], indent=2))
+    elif all(d.result == "nothing to stop" for _, d in stopped):
+        ui.say(f"Nothing to stop for {what} on {ui.plural(len({d.host for _, d in stopped}), 'host')}.")
     else:
-        ui.table(f"Stop {what}", ("host", "jobs", "processes", "sessions", "result"), rows,
-                 ["green" if r[-1] in CLEAN else "red" for r in rows],
-                 key_columns=("host", "processes", "sessions"), free_columns=("jobs", "result"))
+        ui.table(f"Stop {what}", ("host", "jobs", "processes", "sessions", "how they ended", "result"),
+                 [(d.host, job or d.jobs, "" if d.processes is None else d.processes,
+                   "" if d.sessions is None else d.sessions, d.ended(job), d.result) for job, d in stopped],
+                 ["green" if d.clean else "red" for _, d in stopped],
+                 key_columns=("host", "processes", "sessions"), free_columns=("jobs", "how they ended", "result"))
     if bad:
         raise Exit(f"fablaunch: {ui.plural(bad, 'host')} not verified clean", code=1)
 

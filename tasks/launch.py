@@ -6,18 +6,21 @@ engine's, shared with the Python API; these tasks turn flags into a spec and res
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
 from invoke import Exit
 
 from fablaunch import launcher, ui
-from fablaunch.errors import LaunchError, UsageError
+from fablaunch.errors import JobNotFound, LaunchError, UsageError
 from fablaunch.executor import REMOTE_SHELL, Executor, Outcome
+from fablaunch.jobs import watch
 from fablaunch.plan import Plan
 from fablaunch.scripts import describe, launch_payload, manifest, masked, session_script
 from fablaunch.spec import JobSpec, build_spec, parse_env
 
+from .cli import command_argv
 from .flags import int_flag, task, usage_error, usage_errors
 
 COMMON_HELP = {
@@ -38,15 +41,31 @@ COMMON_HELP = {
     "verbose": "With --dry-run: every host's payload and every session's script.",
     "wait": "After launching, show the job live until it ends and exit like `fab wait`.",
     "follow": "After launching, stream every rank's output like `fab logs --follow`.",
+    "slurm": "Run the job on Slurm instead of over ssh: sbatch a batch script (or, inside an allocation, srun "
+             "it there); the Slurm flags below and the spec's `slurm:` section shape it.",
+    "nodes": "With --slurm: nodes to run on (default: those of --nodelist, else 1).",
+    "gpus_per_node": "With --slurm: GPUs per node; launch-gpus runs one task (rank) per GPU, launch-torchrun "
+                     "that many workers (asked of Slurm as GRES where the partition has GPUs).",
+    "partition": "With --slurm: the Slurm partition (sbatch --partition).",
+    "time": "With --slurm: the time limit (sbatch --time, e.g. 4:00:00 or 2-00:00:00).",
+    "account": "With --slurm: the account to charge (sbatch --account).",
+    "nodelist": "With --slurm: these nodes (node[1-3],gpu7) or the nodes of a hosts file.",
+    "exclude": "With --slurm: never these nodes (sbatch --exclude).",
+    "sbatch_arg": "With --slurm: one more sbatch option, passed verbatim (`--sbatch-arg=--qos=high`); repeatable.",
+    "logdir": "With --slurm: the directory every node shares for the job's files "
+              "(default .fablaunch/slurm here).",
+    "json": "Print the launch as JSON: each host's result and every session (with --wait: and how it ended; "
+            "with --dry-run: each session's argv and environment, secrets masked).",
 }
 
 
-def command_argv() -> list[str]:
-    """The tokens after `--`, exactly as the shell passed them (see cli.Executor)."""
-    import sys
-
-    argv = sys.argv
-    return argv[argv.index("--") + 1:] if "--" in argv else []
+def _slurm_flags(slurm: bool, **flags: Any) -> dict[str, Any] | None:
+    """The Slurm flags given, checked to come with --slurm; the spec's `slurm:` section fills the rest."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given and not slurm:
+        names = ", ".join("--" + k.replace("_", "-").removesuffix("s" if k == "sbatch_args" else "") for k in given)
+        raise UsageError(names, "Slurm options need --slurm (without it the job runs over ssh on the host files)")
+    return given or None
 
 
 def _spec(spec: str | None, env: list[str] | None, secret: list[str] | None = None, **flags: Any) -> JobSpec:
@@ -90,71 +109,158 @@ def dry_run(plan: Plan, launched: str, verbose: bool = False) -> None:
                "and every host's payload.")
 
 
-def _results_table(title: str, plan: Plan, outcomes: dict[str, Outcome], note: dict[str, str] | None = None) -> None:
-    rows, styles = [], []
+def _host_rows(plan: Plan, outcomes: dict[str, Outcome], note: dict[str, str] | None = None,
+               passed: str = "started") -> list[dict[str, Any]]:
+    """Each host's part of a launch: sessions, seconds and result (`passed`, or why not)."""
+    rows = []
     for host in plan.hosts:
         o = outcomes.get(host.spec)
-        if o is None:
-            result, seconds = "not attempted", ""
-        else:
-            result, seconds = ("started" if o.ok else o.why()), f"{o.seconds:.2f}"
+        result = "not attempted" if o is None else passed if o.ok else o.why()
         if note and host.spec in note:
             result = f"{result}; {note[host.spec]}"
-        rows.append((host.spec, len(plan.on(host)), seconds, result))
-        styles.append("green" if o is not None and o.ok else "red")
-    ui.table(title, ("host", "sessions", "seconds", "result"), rows, styles,
+        rows.append({"host": host.spec, "sessions": len(plan.on(host)),
+                     "seconds": None if o is None else round(o.seconds, 2), "result": result,
+                     "ok": o is not None and o.ok})
+    return rows
+
+
+def _results_table(title: str, plan: Plan, outcomes: dict[str, Outcome], note: dict[str, str] | None = None,
+                   passed: str = "started") -> None:
+    rows = _host_rows(plan, outcomes, note, passed)
+    ui.table(title, ("host", "sessions", "seconds", "result"),
+             [(r["host"], r["sessions"], "" if r["seconds"] is None else f"{r['seconds']:.2f}", r["result"])
+              for r in rows],
+             ["green" if r["ok"] else "red" for r in rows],
              key_columns=("host", "sessions", "seconds"), free_columns=("result",))
 
 
+def _plan_json(plan: Plan, outcomes: dict[str, Outcome] | None = None, passed: str = "started",
+               **extra: Any) -> dict[str, Any]:
+    """A launch (or, without outcomes, a dry run) as `--json` prints it; secrets masked in a dry run."""
+    data: dict[str, Any] = {"job": plan.job, "mode": plan.mode, **extra}
+    if outcomes is not None:
+        rows = _host_rows(plan, outcomes, extra.get("notes"), passed)
+        data["hosts"] = [{k: v for k, v in r.items() if k != "ok"} for r in rows]
+    data["sessions"] = [{"host": s.host.spec, "session": s.name, "rank": s.rank, "node": s.node,
+                         "log": str(s.log),
+                         **({} if outcomes is not None else {
+                             "argv": [masked("", a, plan.secrets, quote=False) for a in s.argv],
+                             "env": {k: masked(k, v, plan.secrets, quote=False) for k, v in s.env}})}
+                        for s in plan.sessions]
+    return data
+
+
+def launch_slurm(c: Any, mode: str, spec: JobSpec, dry: bool, wait: bool, follow: bool, as_json: bool) -> None:
+    """Submit the job to Slurm (or, `dry`, show its batch script); then wait or follow as over ssh."""
+    from fablaunch import slurm
+
+    try:
+        p = slurm.plan(spec, mode)
+        if dry:
+            files = slurm.submit(p, dry=True)
+            if as_json:
+                print(json.dumps({"job": p.job, "mode": mode, "backend": "slurm", "dry_run": True, **files}, indent=2))
+                return
+            ui.say(f"Dry run of job {p.job} on Slurm ({mode}, {ui.plural(p.nodes, 'node')} x "
+                   f"{ui.plural(p.tasks_per_node, 'task')}); nothing is written or submitted.")
+            ui.show_text(f"{p.dir}/job.sbatch (mode 0600; sbatch --parsable "
+                         f"{' '.join(p.sbatch_args) + ' ' if p.sbatch_args else ''}{p.dir}/job.sbatch)",
+                         files["script"])
+            ui.show_text(f"{p.dir}/task.sh (each task)", files["task"])
+            ui.show_text(f"{p.dir}/env.sh (mode 0600, secrets masked)", files["env"])
+            return
+        with launcher.project_lock(p.job):
+            rec = slurm.submit(p)
+    except UsageError as exc:
+        raise usage_error(exc) from None
+    except LaunchError as exc:
+        raise Exit(f"fablaunch: {exc}", code=exc.code) from None
+    launched = {"job": p.job, "mode": mode, "backend": "slurm", "slurm_job": rec["slurm_job"], "dir": p.dir,
+                "nodes": p.nodes, "tasks_per_node": p.tasks_per_node}
+    if not as_json:
+        ui.say(f"Submitted job {p.job} to Slurm as job {rec['slurm_job']} ({ui.plural(p.nodes, 'node')} x "
+               f"{ui.plural(p.tasks_per_node, 'task')}); files in {p.dir}")
+    _after_launch(c, p.job, [], spec.parallel, launched, wait, follow, as_json)
+
+
 def launch_then(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool,
-                wait: bool, follow: bool, preflight: bool = True, verbose: bool = False) -> None:
+                wait: bool, follow: bool, preflight: bool = True, verbose: bool = False, as_json: bool = False) -> None:
     """Launch, then optionally follow the logs and/or wait for the end, as the flags ask."""
-    plan = launch(c, mode, spec, replace, rollback_on_failure, dry, preflight, verbose)
-    if dry or not (wait or follow):
+    if as_json and follow:
+        raise usage_error(UsageError("--json/--follow", "--follow streams the ranks' output, which is not JSON: "
+                                                        "use --wait --json for the end as JSON"))
+    plan, launched = launch(c, mode, spec, replace, rollback_on_failure, dry, preflight, verbose, as_json)
+    if dry:
+        if as_json:
+            print(json.dumps(launched, indent=2))
+        return
+    _after_launch(c, plan.job, list(plan.hosts), spec.parallel, launched, wait, follow, as_json)
+
+
+def _after_launch(c: Any, job: str, hosts: list[Any], parallel: int, launched: dict[str, Any], wait: bool,
+                  follow: bool, as_json: bool) -> None:
+    """Print the launch as JSON, or follow and/or wait for the end, as the flags ask."""
+    if not (wait or follow):
+        if as_json:
+            print(json.dumps(launched, indent=2))
         return
     from .jobs import say_unreachable, show_logs, wait_for
 
-    hosts = list(plan.hosts)
     try:
-        with Executor(c.config, spec.parallel, deadline=20, patient=follow) as ex:
-            if follow:  # until the job ends, then the same summary and exit code as --wait
-                say_unreachable(show_logs(ex, hosts, plan.job, [], [], 50, True))
-            code = wait_for(c, ex, hosts, plan.job, None, False)
+        with Executor(c.config, parallel, deadline=20, patient=follow) as ex:
+            if as_json:
+                code, states = watch(ex, hosts, job)
+                print(json.dumps({**launched, "exit_code": code, "sessions": [s.as_json() for s in states]},
+                                 indent=2))
+            else:
+                if follow:  # until the job ends, then the same summary and exit code as --wait
+                    say_unreachable(show_logs(ex, hosts, job, [], [], 50, True))
+                code = wait_for(c, ex, hosts, job, None, False)
     except KeyboardInterrupt:
-        raise Exit(f"fablaunch: interrupted; job {plan.job} keeps running (fab stop --job {plan.job})",
-                   code=130) from None
+        raise Exit(f"fablaunch: interrupted; job {job} keeps running (fab stop --job {job})", code=130) from None
+    except JobNotFound as exc:
+        raise Exit(f"fablaunch: {exc}", code=1) from None
     if code:
         raise Exit(code=code)
 
 
 def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool,
-           preflight: bool = True, verbose: bool = False) -> Plan:
-    """Plan and launch (or, `dry`, only show) a job; print each host's result; raise Exit unless all started."""
+           preflight: bool = True, verbose: bool = False, as_json: bool = False) -> tuple[Plan, dict[str, Any]]:
+    """Plan and launch (or, `dry`, only show) a job; print each host's result; raise Exit unless all started.
+
+    Returns the plan and what `--json` prints for it (`as_json`: nothing else goes to stdout, and a
+    failed launch prints its per-host results as JSON before its exit code).
+    """
     plan, hostfile = _make_plan(c, mode, spec)
     if dry:
-        dry_run(plan, datetime.now().astimezone().isoformat(timespec="seconds"), verbose)
-        return plan
+        if not as_json:
+            dry_run(plan, datetime.now().astimezone().isoformat(timespec="seconds"), verbose)
+        return plan, _plan_json(plan, dry_run=True, master_addr=plan.master_addr, master_port=plan.port)
     try:
         done = launcher.launch(c.config, plan, spec, hostfile, replace=replace,
                                rollback_on_failure=rollback_on_failure, preflight=preflight)
     except LaunchError as exc:
-        if exc.outcomes:
-            _results_table(exc.title, plan, exc.outcomes, exc.notes)
+        if as_json:
+            print(json.dumps(_plan_json(plan, exc.outcomes, exc.passed, error=str(exc), notes=exc.notes), indent=2))
+        elif exc.outcomes:
+            _results_table(exc.title, plan, exc.outcomes, exc.notes, exc.passed)
         raise Exit(f"fablaunch: {exc}", code=exc.code) from None
-    _results_table(f"Launched {plan.job}: {ui.plural(len(plan.sessions), 'session')} on "
-                   f"{ui.plural(len(plan.hosts), 'host')}", plan, done.outcomes)
-    ui.say(f"Logs: {plan.sessions[0].dir.rsplit('/', 1)[0]}/<host>/ on each host; record: {done.record}")
-    return plan
+    if not as_json:
+        _results_table(f"Launched {plan.job}: {ui.plural(len(plan.sessions), 'session')} on "
+                       f"{ui.plural(len(plan.hosts), 'host')}", plan, done.outcomes)
+        ui.say(f"Logs: {plan.sessions[0].dir.rsplit('/', 1)[0]}/<host>/ on each host; record: {done.record}")
+    return plan, _plan_json(plan, done.outcomes, run=done.run, record=str(done.record))
 
 
 @task(
     help={**COMMON_HELP, "gpus": "File listing one host per GPU, in rank order (default ./gpus)."},
-    iterable=["env", "secret"],
+    iterable=["env", "secret", "sbatch_arg"],
 )
 @usage_errors
 def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
                 env=None, parallel=None, replace=False, rollback=True, dry_run=False, wait=False, follow=False,
-                preflight=True, verbose=False, secret=None):
+                preflight=True, verbose=False, secret=None, json_=False, slurm=False, nodes=None, gpus_per_node=None,
+                partition=None, time=None, account=None, nodelist=None, exclude=None, sbatch_arg=None, logdir=None):
     """Start one tmux session per line of the gpus file, each a rank with the torchrun environment.
 
     Usage: fab launch-gpus [flags] -- train.py --your --args. Every rank gets RANK, LOCAL_RANK,
@@ -163,10 +269,15 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
     """
     try:
         job_spec = _spec(spec, env, secret, gpus=gpus, name=job, python=python, workdir=workdir, port=port,
-                         master_addr=master_addr, parallel=parallel)
+                         master_addr=master_addr, parallel=parallel,
+                         slurm=_slurm_flags(slurm, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition,
+                                            time=time, account=account, nodelist=nodelist, exclude=exclude,
+                                            sbatch_args=sbatch_arg or None, logdir=logdir))
     except UsageError as exc:
         raise usage_error(exc) from None
-    launch_then(c, "gpus", job_spec, replace, rollback, dry_run, wait, follow, preflight, verbose)
+    if slurm:
+        return launch_slurm(c, "gpus", job_spec, dry_run, wait, follow, json_)
+    launch_then(c, "gpus", job_spec, replace, rollback, dry_run, wait, follow, preflight, verbose, json_)
 
 
 @task(
@@ -176,12 +287,14 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
         "nproc_per_node": "Workers per node for torchrun (default: the host's slots, else `gpu`).",
         "max_restarts": "torchrun --max-restarts: restarts of the whole worker group on failure.",
     },
-    iterable=["env", "secret"],
+    iterable=["env", "secret", "sbatch_arg"],
 )
 @usage_errors
 def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
                     env=None, parallel=None, nproc_per_node=None, max_restarts=None, replace=False, rollback=True,
-                    dry_run=False, wait=False, follow=False, preflight=True, verbose=False, secret=None):
+                    dry_run=False, wait=False, follow=False, preflight=True, verbose=False, secret=None,
+                    json_=False, slurm=False, nodes=None, gpus_per_node=None, partition=None, time=None, account=None,
+                nodelist=None, exclude=None, sbatch_arg=None, logdir=None):
     """Start torchrun on every node of the hosts file (one tmux session each), meeting at c10d rendezvous.
 
     Usage: fab launch-torchrun [flags] -- train.py --your --args. The first host serves the
@@ -190,7 +303,12 @@ def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=Non
     try:
         job_spec = _spec(spec, env, secret, hosts=hosts, name=job, python=python, workdir=workdir, port=port,
                          master_addr=master_addr, parallel=parallel,
-                         nproc_per_node=nproc_per_node, max_restarts=max_restarts)
+                         nproc_per_node=nproc_per_node, max_restarts=max_restarts,
+                         slurm=_slurm_flags(slurm, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition,
+                                            time=time, account=account, nodelist=nodelist, exclude=exclude,
+                                            sbatch_args=sbatch_arg or None, logdir=logdir))
     except UsageError as exc:
         raise usage_error(exc) from None
-    launch_then(c, "torchrun", job_spec, replace, rollback, dry_run, wait, follow, preflight, verbose)
+    if slurm:
+        return launch_slurm(c, "torchrun", job_spec, dry_run, wait, follow, json_)
+    launch_then(c, "torchrun", job_spec, replace, rollback, dry_run, wait, follow, preflight, verbose, json_)

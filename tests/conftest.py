@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster
+from tests.slurm_cluster import SlurmCluster, missing_binaries
 
 REPO = Path(__file__).resolve().parents[1]
 PAYLOADS = Path(__file__).resolve().parent / "payloads"
@@ -175,3 +176,18 @@ def sessions(cluster: Cluster, prefix: str) -> dict[str, list[str]]:
 
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A real Slurm cluster: slurmctld and slurmd node1..node3 on 127.0.0.1, all nodes idle.
+
+    Ports start at FABLAUNCH_TEST_SLURM_PORT (default 16817). Run clients with `env=slurm.env`
+    (it sets SLURM_CONF). Missing Slurm fails the test instead of skipping it, so CI never
+    passes without having run these tests.
+    """
+    missing = missing_binaries()
+    if missing:
+        pytest.fail(f"Slurm is not installed (missing {', '.join(missing)}): run .ci/run to install it", pytrace=False)
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

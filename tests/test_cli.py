@@ -7,6 +7,7 @@ import os
 import shlex
 from pathlib import Path
 
+from tests.cluster import Cluster
 from tests.conftest import Fab, live_pids, master_port, wait_until
 
 
@@ -52,3 +53,40 @@ def test_stop_and_wait_print_json_when_asked(fab: Fab, job: str) -> None:
     assert stopped.returncode == 0 and {r["host"]: r["result"] for r in rows}["node2"] == "stopped"
     assert all(isinstance(r["processes"], int) for r in rows)
     assert not live_pids(job)
+
+
+def test_launch_prints_json_when_asked_and_nothing_else_on_stdout(fab: Fab, job: str) -> None:
+    fab.write("gpus", "node1", "node2")
+    dry = fab("launch-gpus", "--job", job, "--dry-run", "--json", "--env", "API_TOKEN=hush", "--", "behave.py", "x y")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["dry_run"] is True and [s["rank"] for s in plan["sessions"]] == [0, 1]
+    assert plan["sessions"][1]["env"]["RANK"] == "1" and plan["sessions"][1]["env"]["API_TOKEN"] == "*****"
+    assert plan["sessions"][0]["argv"][-2:] == ["behave.py", "x y"] and "hush" not in dry.stdout
+    assert not live_pids(job)
+
+    done = fab("launch-gpus", "--job", job, "--port", str(master_port()), "--wait", "--json", "--",
+               "behave.py", "0=exit:0", "1=exit:3")
+    assert done.returncode == 3, done.stdout + done.stderr
+    data = json.loads(done.stdout)
+    assert data["job"] == job and data["exit_code"] == 3 and data["run"]
+    assert [(h["host"], h["result"]) for h in data["hosts"]] == [("node1", "started"), ("node2", "started")]
+    assert {s["rank"]: (s["state"], s["exit_code"]) for s in data["sessions"]} == {0: ("succeeded", 0),
+                                                                                   1: ("failed", 3)}
+
+
+def test_a_failed_launch_prints_its_hosts_as_json_with_the_exit_code(fab: Fab, job: str, cluster: Cluster) -> None:
+    fab.write("gpus", "node1", "node2")
+    cluster.stop_host("node2")
+    try:
+        result = fab("-t", "2", "launch-gpus", "--job", job, "--json", "--", "sleeper.py")
+    finally:
+        cluster.start_host("node2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    assert f"cannot run job {job}" in data["error"]
+    hosts = {h["host"]: h["result"] for h in data["hosts"]}
+    assert hosts["node2"].startswith("unreachable") and hosts["node1"] == "ready; not launched"
+    assert not live_pids(job)
+    followed = fab("launch-gpus", "--job", job, "--json", "--follow", "--", "sleeper.py")
+    assert followed.returncode == 2 and "--follow" in followed.stderr and followed.stdout == ""

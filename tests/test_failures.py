@@ -135,6 +135,12 @@ def test_a_torchrun_workers_failure_wins_over_an_agent_that_ended_earlier() -> N
     assert (root.who, root.host, failures.describe(root)) == ("node 1 worker 1", "node2", "ValueError: boom")
 
 
+def test_a_workers_error_file_is_named_by_its_global_rank_when_the_node_knows_its_ranks() -> None:
+    worker = WorkerError(1, 0, "/h/node-1.torchrun/r/attempt_0/1/error.json", 12.0, record("ValueError: boom"))
+    root = failures.first(failures.collect([node(1, "failed", 13.0, [worker], exit_code=1, ranks=[2, 3])]))
+    assert (root.rank, root.who) == (3, "rank 3 (node 1 worker 1)")
+
+
 def test_without_any_failure_there_is_no_first() -> None:
     assert failures.first(failures.collect([rank(0, "succeeded", 1.0, code=0)])) is None
 
@@ -176,24 +182,26 @@ def test_lines_that_are_not_torchruns_name_nobody() -> None:
 def test_a_sigkilled_worker_is_reported_with_its_signal_and_is_the_first_failure() -> None:
     agent = node(0, "failed", 30.0, exit_code=1, tail=tail(SIGKILLED))
     found = failures.collect([agent])
-    assert [(f.kind, f.who) for f in found] == [("worker", "node 0 worker 1"), ("node", "node 0")]
+    assert [(f.kind, f.who) for f in found] == [("worker", "rank 1 (node 0 worker 1)"), ("node", "node 0")]
     root = failures.first(found)
     assert (root.rank, root.signal, root.exit_code, root.time, root.file) == (1, 9, None, 30.0, agent.log)
     assert failures.describe(root) == "killed by signal 9 (SIGKILL)"
     assert failures.describe(found[1]) == "exit 1 (no error file)"  # the agent's echo
     data = json.loads(failures.as_json("j", found))
-    assert data["first"]["who"] == "node 0 worker 1" and data["first"]["signal"] == 9
+    assert data["first"]["who"] == "rank 1 (node 0 worker 1)" and data["first"]["signal"] == 9
 
 
 def test_status_names_the_worker_and_its_signal() -> None:
     lines = jobs.summary("j", [node(0, "failed", 30.0, exit_code=1, tail=tail(SIGKILLED)),
                                node(1, "running", None)])
-    assert "  error: node 0 worker 1 on node1: killed by signal 9 (SIGKILL)" in lines
+    assert lines[:2] == ["job j: 2 sessions, 1 failed, 1 running; first failure: rank 1 (node 0 worker 1) on node1",
+                         "  error: killed by signal 9 (SIGKILL)"]
 
 
 def test_a_worker_that_exited_without_record_is_named_with_its_exit_code() -> None:
     root = failures.first(failures.collect([node(1, "failed", 30.0, exit_code=1, tail=tail(EXITED))]))
-    assert (root.who, root.exit_code, failures.describe(root)) == ("node 1 worker 1", 3, "exit 3 (no error file)")
+    assert (root.who, root.exit_code, failures.describe(root)) == ("rank 1 (node 1 worker 1)", 3,
+                                                                   "exit 3 (no error file)")
 
 
 def test_a_worker_with_an_error_file_is_reported_from_it_not_from_the_log() -> None:

@@ -109,12 +109,15 @@ def test_a_torchrun_worker_killed_by_sigkill_is_named_with_its_signal(fab: Fab, 
         errors = fab("errors", "--job", job)
         assert errors.returncode == 0, output(errors)
         text = output(errors)
-        assert f"first: node {node} worker 1 on {host}" in text
+        assert f"first: rank {rank} (node {node} worker 1) on {host}" in text
         assert "killed by signal 9 (SIGKILL)" in text and "exit 1 (no error file)" in text  # the agent's echo
         first = json.loads(ok(fab("errors", "--job", job, "--json")).stdout)["first"]
-        assert (first["who"], first["host"], first["rank"], first["signal"]) == (f"node {node} worker 1", host, rank, 9)
+        assert (first["who"], first["host"], first["rank"], first["signal"]) == \
+            (f"rank {rank} (node {node} worker 1)", host, rank, 9)
         status = ok(fab("status", "--job", job))
-        assert f"error: node {node} worker 1 on {host}: killed by signal 9 (SIGKILL)" in output(status)
+        said = " ".join(output(status).split())
+        assert f"first failure: rank {rank} (node {node} worker 1) on {host} error: killed by signal 9 (SIGKILL)" \
+            in said, said
     finally:
         ok(fab("stop", "--job", job, timeout=120))
     assert not live_pids(job)

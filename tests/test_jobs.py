@@ -184,6 +184,32 @@ def test_stop_kills_children_and_setsid_escapees_but_nothing_it_did_not_start(
         cluster.tmux("node1", "kill-session", "-t", f"={lookalike}:")
 
 
+def test_stop_tells_each_signal_as_it_goes_and_how_each_rank_ended(fab: Fab, job: str) -> None:
+    fab.write("gpus", "node1", "node1", "node2")
+    launch_gpus(fab, job, "0=sleep", "1=deaf:INT", "2=deaf:INT,TERM")
+    wait_until(lambda: sum("behave.py" in cmdline(p) for p in live_pids(job)) == 3, timeout=30)
+    time.sleep(1)  # the ranks have set their signal dispositions once they printed; give them a moment
+
+    result = fab("stop", "--job", job, "--grace", "1")
+    assert result.returncode == 0, output(result)
+    assert "node1: SIGINT to" in result.stderr and "node1: SIGTERM to" in result.stderr
+    assert "node2: SIGKILL to" in result.stderr and "all gone after SIGKILL" in result.stderr
+    text = " ".join(result.stdout.split())
+    assert "rank 0: exited on SIGINT; rank 1: needed SIGTERM" in text
+    assert "rank 2: KILL needed" in text
+    assert not live_pids(job)
+
+    again = fab("launch-gpus", "--job", job, "--replace", "--port", str(master_port()), "--",
+                "behave.py", "*=sleep")
+    assert again.returncode == 0, output(again)
+    wait_until(lambda: sum("behave.py" in cmdline(p) for p in live_pids(job)) == 3, timeout=30)
+    stopped = fab("stop", "--job", job, "--grace", "5", "--json")
+    assert stopped.returncode == 0, output(stopped)
+    ended = {e["who"]: e["how"] for r in json.loads(stopped.stdout) for e in r["ended"]}
+    assert ended == {"rank 0": "exited on SIGINT", "rank 1": "exited on SIGINT", "rank 2": "exited on SIGINT"}
+    assert stopped.stderr == ""
+
+
 def test_stopping_a_stopped_job_is_fine_and_says_nothing_to_stop(fab: Fab, job: str) -> None:
     fab.write("gpus", "node1", "node2")
     launch_gpus(fab, job, "*=sleep")

@@ -386,7 +386,7 @@ def test_kill_payload_stops_exactly_the_jobs_processes_on_that_host(tmp_path: Pa
     try:
         result = run_payload(tmp_path, scripts.kill_payload(job, a, grace=1))
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == "found=1 left=0 sessions=0 jobs="
+        assert result.stdout.splitlines() == ["sent INT 1", "remain INT 0", "found=1 left=0 sessions=0 jobs="]
         assert procs[0].wait(timeout=10) == -signal.SIGINT
         assert procs[1].poll() is None
         assert procs[2].poll() is None
@@ -404,9 +404,49 @@ def test_kill_payload_without_a_job_stops_every_job_on_that_host_only(tmp_path: 
     try:
         result = run_payload(tmp_path, scripts.kill_payload(None, a, grace=1))
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip().startswith("found=2 left=0 sessions=0")
+        assert result.stdout.splitlines()[-1].startswith("found=2 left=0 sessions=0")
         assert procs[0].wait(timeout=10) == procs[1].wait(timeout=10) == -signal.SIGINT
         assert procs[2].poll() is None
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+STUBBORN = """
+import signal, sys, time
+for name in sys.argv[1:]:
+    signal.signal(getattr(signal, name), signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+def test_kill_payload_tells_each_signal_and_how_each_session_ended(tmp_path: Path) -> None:
+    job = f"kill{os.getpid()}-{time.time_ns()}"
+    a = parse_host("a", "t")
+    env = {k: v for k, v in os.environ.items() if k != TAG_VAR}
+    procs = []
+    for rank, deaf in enumerate([[], ["SIGINT"], ["SIGINT", "SIGTERM"]]):
+        marker = {TAG_VAR: tag(job, a), scripts.SESSION_VAR: f"{job}-rank-{rank}@a"}
+        procs.append(subprocess.Popen([sys.executable, "-c", STUBBORN, *deaf], env={**env, **marker},
+                                      stdout=subprocess.PIPE))
+    hostile = {TAG_VAR: tag(job, a), scripts.SESSION_VAR: "* $(touch pwned) x"}
+    procs.append(subprocess.Popen([sys.executable, "-c", STUBBORN], env={**env, **hostile}, stdout=subprocess.PIPE))
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        result = run_payload(tmp_path, scripts.kill_payload(job, a, grace=1))
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0] == "sent INT 4"
+        assert "remain INT 2" in lines and "sent TERM 2" in lines and "remain TERM 1" in lines
+        assert "sent KILL 1" in lines and "remain KILL 0" in lines
+        ended = sorted(line for line in lines if line.startswith("ended "))
+        assert ended == [f"ended {job}-rank-0@a INT", f"ended {job}-rank-1@a TERM", f"ended {job}-rank-2@a KILL"]
+        assert lines[-1] == "found=4 left=0 sessions=0 jobs="
+        assert not (tmp_path / "pwned").exists()
     finally:
         for p in procs:
             p.kill()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -51,6 +52,17 @@ def dump(home: Path, job: str | None) -> str:
 def node(k: int, ranks: list[int], source: str = "torchrun", host: str = "node1", job: str = "j") -> SessionState:
     return SessionState(job, "torchrun", host, f"{job}-node-{k}", None, k, "running", ranks=ranks,
                         ranks_source=source, log=f"/h/.fablaunch/jobs/{job}/{host}/node-{k}.log")
+
+
+def fake_ssh(fab: Fab) -> Path:
+    """Put a stand-in ssh on the fab's PATH that records its arguments (attach execs `ssh -t`)."""
+    bin_dir = fab.cwd / "fake-bin"
+    bin_dir.mkdir(exist_ok=True)
+    record = fab.cwd / "ssh-args"
+    (bin_dir / "ssh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {shlex.quote(str(record))}\n')
+    (bin_dir / "ssh").chmod(0o755)
+    fab.env = {**fab.env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return record
 
 
 # --- the survey ---------------------------------------------------------------------------------------------------
@@ -239,6 +251,18 @@ def test_torchrun_status_shows_ranks_and_last_lines_and_logs_pick_ranks_and_node
 
         out = fab("logs", "--job", job, "--rank", "9")
         assert out.returncode == 2 and "no rank 9" in out.stderr and "0-3" in out.stderr, out.stderr
+
+        # attach --rank is a global rank too: the node running that worker; --node a node.
+        record = fake_ssh(fab)
+        out = fab("attach", "--job", job, "--rank", "3")
+        assert out.returncode == 0 and f"worker of node {three['node']}" in out.stderr, out.stdout + out.stderr
+        argv = record.read_text().splitlines()
+        assert argv[-2:] == [three["host"], f"tmux attach-session -t ={job}-node-{three['node']}"]
+        out = fab("attach", "--job", job, "--node", "0")
+        assert out.returncode == 0 and record.read_text().splitlines()[-2:] == ["node1", f"tmux attach-session "
+                                                                                         f"-t ={job}-node-0"]
+        out = fab("attach", "--job", job, "--rank", "7")
+        assert out.returncode == 2 and "no rank 7" in out.stderr, out.stderr
         out = fab("logs", "--job", job, "--node", "2")
         assert out.returncode == 2 and "its nodes are 0-1" in out.stderr, out.stderr
     finally:

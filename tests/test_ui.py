@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from fablaunch import failures, ui
 from fablaunch.executor import Outcome
 from fablaunch.failures import Failure
 from fablaunch.hostfile import parse_host
+from fablaunch.jobs import Stopped
 from fablaunch.survey import SessionState
 from fablaunch.tasks import doctor, jobs, launch, top
 
@@ -192,31 +194,48 @@ def test_launch_results(monkeypatch: pytest.MonkeyPatch, width: int, terminal: b
         assert row(text, HOSTS[1], "4", "0.50", LAUNCH_WHY)
 
 
-STOP_ROWS = [
-    (HOSTS[0], f"{JOB}, eval-2024-06-01", 12, 2, "stopped"),
-    (HOSTS[1], JOB, 3, 1, "2 processes survived SIGKILL"),
-    (HOSTS[2], "", "", "", "unreachable: ssh: connect to host node3.cluster.example.com port 22: Connection timed out"),
+STOPPED = [
+    (None, Stopped(HOSTS[0], f"{JOB}, eval-2024-06-01", 12, 2, "stopped",
+                   ((f"{JOB}-rank-0@h", "INT"), (f"{JOB}-rank-1@h", "INT"), ("eval-2024-06-01-node-0@h", "TERM")))),
+    (JOB, Stopped(HOSTS[1], JOB, 3, 1, "2 processes survived SIGKILL",
+                  ((f"{JOB}-rank-2@h", "KILL"), (f"{JOB}-rank-3@h", "survived")))),
+    (JOB, Stopped(HOSTS[2], result="unreachable: ssh: connect to host node3.cluster.example.com port 22: "
+                                   "Connection timed out")),
 ]
 
 
 @pytest.mark.parametrize(("width", "terminal"), MODES)
 def test_stop_results(monkeypatch: pytest.MonkeyPatch, width: int, terminal: bool) -> None:
-    text = show(monkeypatch, width, terminal, jobs._report_stop, JOB, STOP_ROWS, 2)
+    text = show(monkeypatch, width, terminal, jobs._report_stop, JOB, STOPPED)
     assert row(text, HOSTS[0], "12", "2")
     assert row(text, HOSTS[1], "3", "1")
     assert row(text, HOSTS[2])
-    for _, names, _, _, result in STOP_ROWS:
-        assert whole(result, text) and whole(names, text)
+    for _, d in STOPPED:
+        assert whole(d.result, text)
+    for words in ("exited on SIGINT", "needed SIGTERM", "rank 2: KILL needed", "survived SIGKILL"):
+        assert whole(words, text)
     if terminal:
         check_terminal(text, width)
     else:
         check_piped(text)
-        assert row(text, HOSTS[1], JOB, "3", "1", "2 processes survived SIGKILL")
-        assert row(text, HOSTS[2], "-", "-", "-", STOP_ROWS[2][4])
+        assert row(text, HOSTS[1], JOB, "3", "1", "rank 2: KILL needed; rank 3: survived SIGKILL")
+        assert row(text, HOSTS[0], f"{JOB}-rank-0, {JOB}-rank-1: exited on SIGINT; eval-2024-06-01-node-0: "
+                                   "needed SIGTERM")
+        assert row(text, HOSTS[2], JOB, "-", "-", "-", STOPPED[2][1].result)
+
+
+def test_stop_results_as_json_say_how_each_rank_ended(capsys: pytest.CaptureFixture[str]) -> None:
+    with contextlib.suppress(Exit):
+        jobs._report_stop(JOB, STOPPED[1:2], True)
+    data = json.loads(capsys.readouterr().out)
+    assert data == [{"host": HOSTS[1], "jobs": JOB, "processes": 3, "sessions": 1,
+                     "result": "2 processes survived SIGKILL",
+                     "ended": [{"session": f"{JOB}-rank-2", "who": "rank 2", "how": "KILL needed"},
+                               {"session": f"{JOB}-rank-3", "who": "rank 3", "how": "survived SIGKILL"}]}]
 
 
 def test_nothing_to_stop_on_one_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    text = show(monkeypatch, 80, False, jobs._report_stop, JOB, [(HOSTS[0], "", 0, 0, "nothing to stop")], 0)
+    text = show(monkeypatch, 80, False, jobs._report_stop, JOB, [(JOB, Stopped(HOSTS[0], "", 0, 0, "nothing to stop"))])
     assert text == f"Nothing to stop for {JOB} on 1 host.\n"
 
 

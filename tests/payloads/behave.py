@@ -1,6 +1,7 @@
 """A rank whose fate is chosen by its RANK: `behave.py 0=exit:0 1=exit:3 2=kill 3=sleep`, after a delay each.
 
-Also `spawn` (children, one of them setsid'd and deaf to SIGINT/SIGTERM) and `raise:MSG` (an exception
+Also `deaf:INT,TERM` (ignores those signals, then sleeps),
+`spawn` (children, one of them setsid'd and deaf to SIGINT/SIGTERM) and `raise:MSG` (an exception
 under @record, so the rank leaves a TORCHELASTIC error file). `AFTER_<rank>=PATH` makes a rank wait
 for a file before it acts, which orders ranks without guessing at timings.
 """
@@ -30,6 +31,9 @@ def main() -> None:
     if action == "raise":
         time.sleep(float(os.environ.get("DELAY_" + rank, "1")))
         raise ValueError(arg)
+    if action == "deaf":
+        for name in arg.split(","):
+            signal.signal(getattr(signal, "SIG" + name), signal.SIG_IGN)
     if action == "spawn":
         subprocess.Popen(["sleep", "1000"])
         subprocess.Popen(["setsid", "bash", "-c", "trap '' INT TERM HUP; while :; do sleep 1; done"],
