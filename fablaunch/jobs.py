@@ -120,6 +120,7 @@ class SlurmBackend:
                     states += slurm.survey_job(rec)
                 except slurm.SlurmError as exc:
                     failed[f"slurm job {rec['slurm_job']}"] = str(exc)
+        survey.fill_ranks(states)
         return Survey(states, failed)
 
     def stop(self, job: str | None, grace: float, on_progress: Callable[[str, str], Any] | None) -> list[Stopped]:

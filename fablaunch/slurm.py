@@ -12,6 +12,7 @@ node failure). Secrets live in a 0600 file the batch script sources, never in sb
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -329,6 +330,10 @@ def submit(p: SlurmPlan, *, dry: bool = False) -> dict[str, Any]:
     script = batch_script(p, launched, gres)
     if dry:
         return {"script": script, "task": task_script(p), "env": env_file(p, mask=True)}
+    try:  # Slurm checks the options (partition, nodes, time, account) before anything is written or submitted
+        run(["sbatch", "--test-only", *p.sbatch_args], stdin=script)
+    except SlurmError as exc:
+        raise UsageError("--slurm", f"Slurm refuses the job: {exc.message}") from None
     d = Path(p.dir)
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -343,10 +348,6 @@ def submit(p: SlurmPlan, *, dry: bool = False) -> dict[str, Any]:
         raise LaunchError(f"cannot write the job's files in {d}: {exc.strerror or exc}; nothing was submitted") \
             from None
     argv = ["sbatch", "--parsable", *p.sbatch_args, str(d / "job.sbatch")]
-    try:
-        run(["sbatch", "--test-only", *p.sbatch_args, str(d / "job.sbatch")])
-    except SlurmError as exc:
-        raise UsageError("--slurm", f"Slurm refuses the job: {exc.message}") from None
     try:
         out = run(argv)
     except SlurmError as exc:
@@ -473,6 +474,9 @@ def stop(rec: dict[str, Any], grace: float, on_progress: Callable[[str, str], An
             if _wait_end(job_id, wait_s):
                 break
         else:
+            if not job_info(job_id).ended:
+                _sweep(rec)
+                tell("SIGKILL to every process of the job on its nodes")
             run(["scancel", job_id])
             tell("scancel (SIGKILL after the cluster's KillWait)")
             phases.append("KILL")
@@ -480,6 +484,24 @@ def stop(rec: dict[str, Any], grace: float, on_progress: Callable[[str, str], An
     info = job_info(job_id)
     return {"result": "stopped" if gone else f"slurm job {job_id} still {info.state}", "state": info.state or "gone",
             "phases": phases}
+
+
+def _sweep(rec: dict[str, Any]) -> None:
+    """SIGKILL every process carrying the job's marker on each of its nodes, through a step of the job itself.
+
+    Slurm tracks a task's processes by their parents: a child that called setsid and outlived its
+    rank is reparented to init and out of Slurm's reach, yet holds the rank's output open. The marker
+    every process of the job inherits finds it, as `fab stop` does over ssh; nothing else is touched.
+    """
+    marker = f"{TAG_VAR}={rec['job']}@[A-Za-z0-9_.-]+"
+    sweep = (f"for p in $(grep -lszx -E -- {sh(marker)} /proc/[0-9]*/environ 2>/dev/null "
+             "| sed -n 's#^/proc/\\([0-9]*\\)/environ$#\\1#p'); do "
+             '[ "$p" = "$$" ] || kill -KILL "$p" 2>/dev/null; done; true')
+    nodes = str(rec.get("nodes") or 1)
+    # The job may have ended meanwhile, or the cluster forbid steps from outside: scancel follows either way.
+    with contextlib.suppress(SlurmError):
+        run(["srun", f"--jobid={rec['slurm_job']}", "--overlap", f"--nodes={nodes}", "--ntasks-per-node=1",
+             "bash", "-c", sweep], deadline=COMMAND_DEADLINE)
 
 
 def _wait_end(job_id: str, seconds: float) -> bool:

@@ -6,10 +6,11 @@ described by one slurm.conf in the cluster's directory (absolute paths only: the
 and Debian's slurmctld, slurmd, slurm-client and munge packages (22.05). Only loopback addresses
 are ever used.
 
-Every daemon started here carries FABLAUNCH_SLURM_TEST_* variables in its environment (which
-slurmd passes on to its slurmstepd). They name the cluster's base port and the process that owns
-it, so a later run can tell the daemons a killed test run left behind (owner gone, same ports)
-from a live run's: only the former, and daemons naming this cluster's own slurm.conf, are killed.
+Every slurmctld and slurmd started here carries FABLAUNCH_SLURM_TEST_* variables in its
+environment. They name the cluster's base port and the process that owns it, so a later run can
+tell the daemons a killed test run left behind (owner gone, same ports) from a live run's: only
+the former, and daemons naming this cluster's own slurm.conf, are killed. A slurmstepd (one per
+job step, reparented to PID 1, environment blanked) is known by the slurmd log file it holds open.
 """
 
 from __future__ import annotations
@@ -71,10 +72,13 @@ def _alive(pid: int) -> bool:
 
 
 def _identity(pid: int) -> str | None:
-    """Return "PID:STARTTIME", which names a process even after its pid is reused, or None if gone."""
+    """Return "PID:STARTTIME", which names a process even after its pid is reused, or None if gone.
+
+    A zombie counts as gone: a killed test run stays one where PID 1 does not reap orphans.
+    """
     fields = _stat(pid)
     # Field 22 of /proc/PID/stat (start time) is the 20th after the command name.
-    return f"{pid}:{fields[19]}" if fields is not None and len(fields) > 19 else None
+    return f"{pid}:{fields[19]}" if fields is not None and fields[0] != "Z" and len(fields) > 19 else None
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -97,6 +101,14 @@ def _open_logs(pid: int) -> set[str]:
                 if Path(target).parent.name == LOG_DIR_NAME:
                     found.add(target)
     return found
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    """Return a process's argv (empty if it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
 
 
 def _processes() -> dict[int, tuple[str, int]]:
@@ -313,10 +325,7 @@ class SlurmCluster:
                 continue
             if comm not in _DAEMONS:
                 continue
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
+            cmdline = _cmdline(pid)
             env = _environ(pid)
             if str(self.conf).encode() in cmdline or env.get(_CONF_VAR) == str(self.conf):
                 found[pid] = (comm, parent)
@@ -459,7 +468,10 @@ class SlurmCluster:
 
     def stop(self) -> None:
         """Cancel every job, then kill the daemons started here (and nothing else); safe to repeat."""
-        if self._ours() and port_open(ADDRESS, self.port):
+        conf = str(self.conf).encode()
+        controller = [pid for pid, (comm, _) in self._ours().items() if comm == "slurmctld" and conf in _cmdline(pid)]
+        # Only our own slurmctld is asked to cancel jobs (never another run's on the same port).
+        if controller and port_open(ADDRESS, self.port):
             ids = self.job_ids()
             if ids:
                 self.run("scancel", *ids, timeout=30)

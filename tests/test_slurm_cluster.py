@@ -71,7 +71,8 @@ def jobs(slurm: SlurmCluster) -> Iterator[list[str]]:
 
 def test_three_idle_nodes_on_loopback(slurm: SlurmCluster) -> None:
     assert slurm.nodes == ["node1", "node2", "node3"]
-    assert slurm.node_states() == dict.fromkeys(slurm.nodes, "idle")
+    # Idle once jobs of earlier tests (the cluster is shared by the session) have ended.
+    wait_until(lambda: slurm.node_states() == dict.fromkeys(slurm.nodes, "idle"), timeout=60)
     for node in slurm.nodes:
         out = slurm.run("scontrol", "show", "node", node).stdout
         assert "NodeAddr=127.0.0.1 " in out, out
@@ -92,7 +93,7 @@ def test_sbatch_job_runs_and_writes_its_output(slurm: SlurmCluster, tmp_path: Pa
     assert job_field(slurm, job, "ExitCode") == "0:0"
     out = tmp_path / f"out-{job}.txt"
     assert job_field(slurm, job, "StdOut") == str(out)
-    assert out.read_text() == "hello from node1\n"
+    assert out.read_text() == f"hello from {job_field(slurm, job, 'NodeList')}\n"
 
 
 def test_scancel_leaves_no_process_on_any_node(slurm: SlurmCluster, tmp_path: Path, jobs: list[str]) -> None:

@@ -701,8 +701,21 @@ def test_the_readme_example_spec_is_complete_and_valid(tmp_path: Path) -> None:
     warnings: list[str] = []
     data = read_spec(path, warn=warnings.append)
     assert warnings == []
-    assert sorted(data) == sorted(f.name for f in fields(JobSpec))  # every option, `job:` as `name`
+    # every option, `job:` as `name` (port_given is not one: it records whether `port` was)
+    assert sorted(data) == sorted(f.name for f in fields(JobSpec) if f.name != "port_given")
     spec = build_spec(path, [])
     assert spec.name == "bert-large"
     assert spec.env["LR_SCALE"] == "1.10" and spec.env["DETERMINISTIC"] == "on"
     assert build_spec(path, [], port=6200, env={"NCCL_DEBUG": "WARN"}).env["NCCL_DEBUG"] == "WARN"
+
+
+def test_a_slurm_section_is_read_as_written_and_an_unknown_key_is_refused(tmp_path: Path) -> None:
+    path = spec_file(tmp_path, "command: [train.py]\nslurm:\n  nodes: 2\n  time: 4:00:00\n"
+                               "  sbatch_args: [--qos=high]\n")
+    assert build_spec(path, []).slurm == {"nodes": 2, "time": "4:00:00", "sbatch_args": ["--qos=high"]}
+    bad = spec_file(tmp_path, "command: [train.py]\nslurm:\n  node: 2\n")
+    with pytest.raises(UsageError, match=r"slurm.node'.*unknown key"):
+        build_spec(bad, [])
+    bad = spec_file(tmp_path, "command: [train.py]\nslurm:\n  nodes: 0x2\n")
+    with pytest.raises(UsageError, match="plain decimal"):
+        build_spec(bad, [])
