@@ -252,6 +252,12 @@ def attach(c, rank=None, node=None, host=None, job=None, hosts=None, gpus=None):
         flag = f"--rank {number}" if number is not None else f"--node {target.node}"
         raise Exit(f"fablaunch: {target.session} on {target.host} has ended ({target.state} {describe_end(target)}); "
                    f"see its output with: fab logs --job {job} {flag}", code=1)
+    if target.backend == "slurm":  # no tmux there: an interactive shell on the rank's node, in the job itself
+        ui.say(f"{who(target)} runs on {target.host} in slurm job {target.slurm_job}: opening a shell there "
+               "(srun --overlap --pty); its output is in `fab logs`", stderr=True)
+        argv = ["srun", f"--jobid={target.slurm_job}", "--overlap", "--pty", f"--nodelist={target.host}",
+                "--nodes=1", "--ntasks=1", "bash", "-i"]
+        os.execvp(argv[0], argv)
     if target.mode == "torchrun" and number is not None:
         ui.say(f"rank {number} is a worker of node {target.node}: attaching to that node's torchrun session",
                stderr=True)

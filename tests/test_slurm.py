@@ -188,3 +188,19 @@ def test_bad_slurm_options_exit_2_and_submit_nothing(sfab: SlurmFab, flags: list
 def test_slurm_flags_need_slurm(sfab: SlurmFab) -> None:
     result = sfab("launch-gpus", "--nodes", "2", "--", "train.py")
     assert result.returncode == 2 and "--nodes" in result.stderr and "--slurm" in result.stderr, said(result)
+
+
+def test_attach_opens_a_shell_on_the_ranks_node_inside_the_job(sfab: SlurmFab) -> None:
+    job = "sl-attach"
+    result = sfab("launch-gpus", "--slurm", "--job", job, "--nodes", "2", "--", str(PAYLOADS / "sleeper.py"))
+    assert result.returncode == 0, said(result)
+    try:
+        wait_until(lambda: any(s["state"] == "running" and s["rank"] == 1 for s in
+                               json.loads(sfab("status", "--job", job, "--json").stdout or "[]")), timeout=60)
+        # srun --pty needs a terminal: `script` gives it one; the shell runs one command and exits.
+        fab = " ".join(["fab", "-r", str(REPO), "attach", "--job", job, "--rank", "1"])
+        shell = subprocess.run(["script", "-qec", fab, "/dev/null"], input="echo on-$SLURMD_NODENAME; exit\n",
+                               cwd=sfab.cwd, env=sfab.env, capture_output=True, text=True, timeout=60)
+        assert "on-node2" in shell.stdout, shell.stdout + shell.stderr
+    finally:
+        assert sfab("stop", "--job", job, "--grace", "1").returncode == 0
