@@ -28,7 +28,7 @@ COMMON_HELP = {
     "spec": "YAML job spec holding any of these options and the command; flags override it.",
     "python": "Interpreter for a command that is a .py script (default: `python` on this PATH).",
     "workdir": "Working directory on every host (default: the directory fab is called from).",
-    "port": "MASTER_PORT / rendezvous port on the first host (default 5001).",
+    "port": "MASTER_PORT / rendezvous port on the first host (default 5001; on Slurm 20000 + job id % 20000).",
     "master_addr": "Address the ranks reach the first host at (default: the first host as ssh resolves it).",
     "env": "KEY=VALUE set for every rank; repeatable. Values never appear on a command line.",
     "secret": "Mask this variable's value in --dry-run, like names with TOKEN, KEY, PASS...; repeatable.",
@@ -43,14 +43,14 @@ COMMON_HELP = {
     "follow": "After launching, stream every rank's output like `fab logs --follow`.",
     "slurm": "Run the job on Slurm instead of over ssh: sbatch a batch script (or, inside an allocation, srun "
              "it there); the Slurm flags below and the spec's `slurm:` section shape it.",
-    "nodes": "With --slurm: nodes to run on (default: those of --nodelist, else 1).",
+    "nodes": "With --slurm: how many nodes to run on (default: as many as the nodelist names, else 1).",
     "gpus_per_node": "With --slurm: GPUs per node; launch-gpus runs one task (rank) per GPU, launch-torchrun "
                      "that many workers (asked of Slurm as GRES where the partition has GPUs).",
-    "partition": "With --slurm: the Slurm partition (sbatch --partition).",
-    "time": "With --slurm: the time limit (sbatch --time, e.g. 4:00:00 or 2-00:00:00).",
-    "account": "With --slurm: the account to charge (sbatch --account).",
+    "partition": "With --slurm: the Slurm partition to run in.",
+    "time": "With --slurm: the job's time limit, e.g. 4:00:00 or 2-00:00:00.",
+    "account": "With --slurm: the Slurm account to charge.",
     "nodelist": "With --slurm: these nodes (node[1-3],gpu7) or the nodes of a hosts file.",
-    "exclude": "With --slurm: never these nodes (sbatch --exclude).",
+    "exclude": "With --slurm: never run on these nodes.",
     "sbatch_arg": "With --slurm: one more sbatch option, passed verbatim (`--sbatch-arg=--qos=high`); repeatable.",
     "logdir": "With --slurm: the directory every node shares for the job's files "
               "(default .fablaunch/slurm here).",
