@@ -516,3 +516,51 @@ def _wait_end(job_id: str, seconds: float) -> bool:
 
 def json_record(rec: dict[str, Any]) -> str:
     return json.dumps(rec)
+
+
+# --- doctor ---------------------------------------------------------------------------------------------------
+
+
+def doctor(p: SlurmPlan) -> list[tuple[str, str, str]]:
+    """What would make a Slurm launch of `p` fail or wait: (check, ok / warn / fail, detail) in order.
+
+    Slurm reachable; the partition exists and is up; enough nodes idle now (else the job pends); then
+    one short step on as many nodes as the job asks: the interpreter and torch there, and the shared
+    directory writable from each of them.
+    """
+    checks: list[tuple[str, str, str]] = []
+    try:
+        checks.append(("slurm", "ok", run(["sinfo", "-V"]).strip()))
+        partition = dict(p.options).get("partition")
+        rows = [line.split("|") for line in run(["sinfo", "-h", "-o", "%P|%a|%D|%t"]).splitlines() if line]
+    except SlurmError as exc:
+        return [*checks, ("slurm", "fail", str(exc))]
+    names = {r[0].rstrip("*"): r for r in rows if len(r) == 4}
+    name = partition or next((r[0].rstrip("*") for r in rows if r[0].endswith("*")), "")
+    if name not in names:
+        return [*checks, ("partition", "fail", f"no partition {name or '(no default)'}; there are "
+                                               f"{', '.join(sorted(names)) or 'none'}")]
+    up = all(r[1] == "up" for r in rows if r[0].rstrip("*") == name)
+    checks.append(("partition", "ok" if up else "fail", f"{name} is {'up' if up else 'not up'}"))
+    idle = sum(int(r[2]) for r in rows if r[0].rstrip("*") == name and r[3] in ("idle", "mix") and r[2].isdigit())
+    checks.append(("nodes", "ok" if idle >= p.nodes else "warn",
+                   f"{idle} idle or mixed, {p.nodes} wanted" + ("" if idle >= p.nodes else ": the job would pend")))
+    probe = (f"d={sh(p.logdir)}; mkdir -p \"$d\" && touch \"$d/.doctor-$SLURMD_NODENAME\" && w=yes || w=no; "
+             f"rm -f \"$d/.doctor-$SLURMD_NODENAME\"; py=$({sh(p.python)} -c 'import platform; "
+             "print(platform.python_version())' 2>/dev/null || echo -); "
+             f"t=$({sh(p.python)} -c 'import torch; print(torch.__version__)' 2>/dev/null || echo -); "
+             'echo "$SLURMD_NODENAME|$py|$t|$w"')
+    try:
+        out = run(["srun", "--immediate=20", f"--nodes={p.nodes}", "--ntasks-per-node=1", "--time=1",
+                   *([f"--partition={partition}"] if partition else []), "bash", "-c", probe], deadline=60)
+    except SlurmError as exc:
+        return [*checks, ("on the nodes", "warn", f"no step could run now: {exc.message}")]
+    seen = [line.split("|") for line in out.splitlines() if line.count("|") == 3]
+    for node, py, torch, writable in seen:
+        bad = [what for what, broken in (("no interpreter", py == "-"), ("no torch", torch == "-"),
+                                         (f"cannot write {p.logdir}", writable != "yes")) if broken]
+        checks.append((f"node {node}", "fail" if bad else "ok",
+                       "; ".join(bad) if bad else f"python {py}, torch {torch}, {p.logdir} writable"))
+    if len({(py, torch) for _, py, torch, _ in seen}) > 1:
+        checks.append(("versions", "fail", "python or torch differ between nodes"))
+    return checks

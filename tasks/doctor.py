@@ -521,6 +521,11 @@ HELP = {
     "job": "Also fail if a job of this name is already running on a host.",
     "parallel": "Hosts contacted at once (default 32).",
     "json": "Print a JSON list, one object per host with each check's status, value and message.",
+    "slurm": "Check Slurm instead of ssh hosts: reachable, partition up, idle nodes, and on the nodes the "
+             "interpreter, torch and the shared directory.",
+    "nodes": "With --slurm: how many nodes a launch would ask for (default 1).",
+    "partition": "With --slurm: the partition to check (default: the cluster's default).",
+    "logdir": "With --slurm: the shared directory to check (default .fablaunch/slurm here).",
 }
 
 
@@ -647,7 +652,7 @@ def report(results: Mapping[str, Mapping[str, Check]], plan: Plan) -> None:
 @task(name="doctor", help=HELP)
 @usage_errors
 def doctor_(c, gpus=None, hosts=None, spec=None, python=None, workdir=None, port=None, master_addr=None, job=None,
-           parallel=None, json_=False):
+           parallel=None, json_=False, slurm=False, nodes=None, partition=None, logdir=None):
     """Check every host for what would make a launch fail or a job hang; exit 1 if anything would.
 
     Per host, in parallel: ssh (connect time), tmux, working directory and free disk, ~/.fablaunch
@@ -657,6 +662,10 @@ def doctor_(c, gpus=None, hosts=None, spec=None, python=None, workdir=None, port
     first host, and a TCP connection from every host to MASTER_ADDR:MASTER_PORT (a temporary listener).
     Warnings (yellow) exit 0.
     """
+    if slurm:
+        return _doctor_slurm(spec, python, job, nodes, partition, logdir, json_)
+    if nodes is not None or partition is not None or logdir is not None:
+        raise UsageError("--nodes/--partition/--logdir", "these check a Slurm cluster: add --slurm")
     plan, interpreter, job_spec = _targets(c, gpus, hosts, spec, name=job, python=python, workdir=workdir,
                                            port=int_flag(port, "--port"), master_addr=master_addr,
                                            parallel=parallel_flag(parallel) if parallel is not None else None)
@@ -672,3 +681,21 @@ def doctor_(c, gpus=None, hosts=None, spec=None, python=None, workdir=None, port
     if exit_code(results):
         failed = sorted({h for h, _, c in problems(results) if c.status == "fail"}, key=list(results).index)
         raise Exit(f"fablaunch: doctor: checks failed on {', '.join(failed)}; a launch would fail or hang", code=1)
+
+
+def _doctor_slurm(spec: str | None, python: str | None, job: str | None, nodes: str | None, partition: str | None,
+                  logdir: str | None, as_json: bool) -> None:
+    """`doctor --slurm`: Slurm, the partition, idle nodes, and the interpreter, torch and shared directory on them."""
+    from fablaunch import slurm
+
+    opts = {k: v for k, v in (("nodes", nodes), ("partition", partition), ("logdir", logdir)) if v is not None}
+    p = slurm.plan(build_spec(spec, ["doctor.py"], python=python, name=job, slurm=opts or None), "gpus")
+    checks = slurm.doctor(p)
+    if as_json:
+        print(json.dumps([{"check": n, "status": st, "detail": d} for n, st, d in checks], indent=2))
+    else:
+        ui.table("Slurm doctor", ("check", "status", "detail"), checks,
+                 [{"ok": "green", "warn": "yellow"}.get(st, "red") for _, st, _ in checks],
+                 key_columns=("check", "status"), free_columns=("detail",))
+    if any(st == "fail" for _, st, _ in checks):
+        raise Exit("fablaunch: doctor --slurm: checks failed; a launch would fail", code=1)

@@ -204,3 +204,16 @@ def test_attach_opens_a_shell_on_the_ranks_node_inside_the_job(sfab: SlurmFab) -
         assert "on-node2" in shell.stdout, shell.stdout + shell.stderr
     finally:
         assert sfab("stop", "--job", job, "--grace", "1").returncode == 0
+
+
+def test_doctor_checks_slurm_the_partition_and_each_node(sfab: SlurmFab) -> None:
+    result = sfab("doctor", "--slurm", "--nodes", "3", "--json")
+    assert result.returncode == 0, said(result)
+    checks = {c["check"]: c for c in json.loads(result.stdout)}
+    assert checks["partition"]["status"] == "ok" and "debug is up" in checks["partition"]["detail"]
+    assert {f"node node{i}" for i in (1, 2, 3)} <= set(checks)
+    assert all("torch" in checks[f"node node{i}"]["detail"] for i in (1, 2, 3))
+    missing = sfab("doctor", "--slurm", "--partition", "nope")
+    assert missing.returncode == 1 and "no partition nope" in missing.stdout, said(missing)
+    many = json.loads(sfab("doctor", "--slurm", "--nodes", "5", "--json").stdout)
+    assert any(c["check"] == "nodes" and c["status"] == "warn" for c in many)
