@@ -456,12 +456,25 @@ def slurm_stop(rec: dict[str, Any], grace: float, on_progress: Callable[[str, st
         states = slurm.survey_job(rec)
     except slurm.SlurmError as exc:
         return Stopped(where, rec["job"], result=str(exc))
-    how = {2: "INT", 15: "TERM", 9: "KILL"}
-    ran = any(p in how.values() for p in did["phases"])  # signals went to tasks (not a pending job's cancel)
-    ends = tuple((f"{s.session}@{s.host}", how.get(s.signal or 0, "KILL") if s.state == "killed" else "KILL")
-                 for s in states if s.state in ("killed", "cancelled") and (s.rank, s.node) != (None, None)) \
-        if ran else ()
+    phases = [(name, at) for name, at in did["phases"] if name != "cancel"]  # signals went to running tasks
+    ends = tuple((f"{s.session}@{s.host}", end) for s in states
+                 if phases and (s.rank, s.node) != (None, None) and (end := _slurm_end(s, phases)))
     return Stopped(where, rec["job"], None, len(states) if did["phases"] else 0, did["result"], ends)
+
+
+def _slurm_end(s: SessionState, phases: list[tuple[str, float]]) -> str | None:
+    """How a Slurm task ended during a stop: by the signal its record names, else by when it ended.
+
+    A rank that handles SIGINT and exits with a code of its own still ended on SIGINT; one with no
+    record was killed with its task; one that ended before the stop began is not the stop's doing.
+    """
+    if s.state == "killed" and s.signal in (2, 15, 9):
+        return {2: "INT", 15: "TERM", 9: "KILL"}[s.signal]
+    if s.state not in ("succeeded", "failed", "killed"):
+        return "KILL" if s.state in survey.ENDED else None
+    if s.ended is None or s.ended < phases[0][1] - 1.0:
+        return None
+    return ([name for name, at in phases if at <= s.ended] or [phases[0][0]])[-1]  # within 1s before: skew
 
 
 def _ssh_stop(ex: Executor, hosts: list[Host], job: str | None, grace: float,

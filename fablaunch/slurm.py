@@ -456,7 +456,7 @@ def stop(rec: dict[str, Any], grace: float, on_progress: Callable[[str, str], An
     info = job_info(job_id)
     if info.ended:
         return {"result": "nothing to stop", "state": info.state or "gone", "phases": []}
-    phases = []
+    phases: list[tuple[str, float]] = []  # each signal phase and when it began (for how each rank ended)
 
     def tell(text: str) -> None:
         if on_progress:
@@ -465,21 +465,21 @@ def stop(rec: dict[str, Any], grace: float, on_progress: Callable[[str, str], An
     if info.waiting:
         run(["scancel", job_id])
         tell("pending: cancelled")
-        phases.append("cancel")
+        phases.append(("cancel", time.time()))
     else:
         for sig, wait_s in (("INT", grace), ("TERM", 3.0)):
+            phases.append((sig, time.time()))
             run(["scancel", f"--signal={sig}", job_id])
             tell(f"SIG{sig} to every task")
-            phases.append(sig)
             if _wait_end(job_id, wait_s):
                 break
         else:
+            phases.append(("KILL", time.time()))
             if not job_info(job_id).ended:
                 _sweep(rec)
                 tell("SIGKILL to every process of the job on its nodes")
             run(["scancel", job_id])
             tell("scancel (SIGKILL after the cluster's KillWait)")
-            phases.append("KILL")
     gone = _wait_end(job_id, 60.0)
     info = job_info(job_id)
     return {"result": "stopped" if gone else f"slurm job {job_id} still {info.state}", "state": info.state or "gone",

@@ -217,3 +217,20 @@ def test_doctor_checks_slurm_the_partition_and_each_node(sfab: SlurmFab) -> None
     assert missing.returncode == 1 and "no partition nope" in missing.stdout, said(missing)
     many = json.loads(sfab("doctor", "--slurm", "--nodes", "5", "--json").stdout)
     assert any(c["check"] == "nodes" and c["status"] == "warn" for c in many)
+
+
+def test_how_a_slurm_task_ended_comes_from_its_signal_else_from_when_it_ended() -> None:
+    from fablaunch.jobs import _slurm_end
+    from fablaunch.survey import SessionState
+
+    phases = [("INT", 100.0), ("TERM", 110.0), ("KILL", 113.0)]
+
+    def task(state: str, signal: int | None = None, ended: float | None = None) -> SessionState:
+        return SessionState("j", "gpus", "node1", "j-rank-0", 0, 0, state, signal=signal, ended=ended)
+
+    assert _slurm_end(task("killed", 15, 111.0), phases) == "TERM"
+    assert _slurm_end(task("failed", ended=104.0), phases) == "INT"  # caught SIGINT, exited with its own code
+    assert _slurm_end(task("succeeded", ended=112.0), phases) == "TERM"
+    assert _slurm_end(task("failed", ended=50.0), phases) is None  # ended before the stop: not its doing
+    assert _slurm_end(task("cancelled"), phases) == "KILL"
+    assert _slurm_end(task("running"), phases) is None
