@@ -109,26 +109,21 @@ class SlurmBackend:
     name = "slurm"
 
     def __init__(self, recs: list[dict[str, Any]]) -> None:
-        self.recs = recs
+        self.recs = recs  # the launch records of the jobs asked about (see backends)
 
     def survey(self, job: str | None) -> Survey:
         states: list[SessionState] = []
         failed: dict[str, str] = {}
         for rec in self.recs:
-            if job is None or rec["job"] == job:
-                try:
-                    states += slurm.survey_job(rec)
-                except slurm.SlurmError as exc:
-                    failed[f"slurm job {rec['slurm_job']}"] = str(exc)
+            try:
+                states += slurm.survey_job(rec)
+            except slurm.SlurmError as exc:
+                failed[f"slurm job {rec['slurm_job']}"] = str(exc)
         survey.fill_ranks(states)
         return Survey(states, failed)
 
     def stop(self, job: str | None, grace: float, on_progress: Callable[[str, str], Any] | None) -> list[Stopped]:
-        done = []
-        for rec in self.recs:
-            if job is None or rec["job"] == job:
-                done.append(slurm_stop(rec, grace, on_progress))
-        return done
+        return [slurm_stop(rec, grace, on_progress) for rec in self.recs]
 
     def files_host(self, state: SessionState) -> Host | None:
         return LOCAL  # the shared directory, read here

@@ -7,7 +7,7 @@ recomputing ranks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -144,13 +144,21 @@ def reserved_env(key: str) -> str | None:
     return f"{key} is set by fablaunch for each rank (by torchrun in torchrun mode) and cannot be overridden{instead}"
 
 
-def _base_env(spec: JobSpec, job: str, host: Host, error_file: RemotePath) -> dict[str, str]:
-    """Defaults, then the user's variables, then the ones fablaunch must own."""
-    for key in spec.env:
+DEFAULT_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # every rank's, unless the user sets them
+
+
+def check_user_env(env: dict[str, str]) -> None:
+    """Refuse a user variable that fablaunch (or torchrun) sets for each rank."""
+    for key in env:
         problem = reserved_env(key)
         if problem:
             raise UsageError("--env", problem)
-    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _base_env(spec: JobSpec, job: str, host: Host, error_file: RemotePath) -> dict[str, str]:
+    """Defaults, then the user's variables, then the ones fablaunch must own."""
+    check_user_env(spec.env)
+    env = dict(DEFAULT_ENV)
     env.update(spec.env)
     env.update({
         "FABLAUNCH_JOB": job,
@@ -161,12 +169,26 @@ def _base_env(spec: JobSpec, job: str, host: Host, error_file: RemotePath) -> di
     return env
 
 
-def _program(spec: JobSpec, python: str) -> list[str]:
+def program(command: Sequence[str], python: str) -> list[str]:
     """The command as the user typed it, under the interpreter if it is a script or `-m`."""
-    first = spec.command[0]
+    first = command[0]
     if first.endswith(".py") or first == "-m":
-        return [python, *spec.command]
-    return list(spec.command)
+        return [python, *command]
+    return list(command)
+
+
+def torchrun_argv(python: str, rdzv_id: str, endpoint: str, nnodes: str, nproc: str, log_dir: str,
+                  max_restarts: int | None, torchrun_args: Sequence[str], command: Sequence[str]) -> list[str]:
+    """torchrun's own arguments for one node, up to (not including) the user's command."""
+    argv = [python, "-m", "torch.distributed.run", "--rdzv-id", rdzv_id, "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", endpoint, "--nnodes", nnodes, "--nproc-per-node", nproc,
+            "--redirects", "3", "--log-dir", log_dir]
+    if max_restarts is not None:
+        argv += ["--max-restarts", str(max_restarts)]
+    argv += torchrun_args
+    if not (command[0].endswith(".py") or command[0].startswith("-")):
+        argv.append("--no-python")
+    return argv
 
 
 def plan_gpus(spec: JobSpec, gpus: list[Host], job: str, python: str, workdir: str,
@@ -177,7 +199,7 @@ def plan_gpus(spec: JobSpec, gpus: list[Host], job: str, python: str, workdir: s
     node_of = {h.spec: i for i, h in enumerate(hosts)}
     per_host = {h.spec: sum(1 for g in gpus if g.spec == h.spec) for h in hosts}
     seen = dict.fromkeys(per_host, 0)
-    argv = tuple(_program(spec, python))
+    argv = tuple(program(spec.command, python))
     sessions = []
     for rank, line in enumerate(gpus):
         host = hosts[node_of[line.spec]]
@@ -214,17 +236,9 @@ def plan_torchrun(spec: JobSpec, hosts: list[Host], job: str, python: str, workd
         d = job_dir(job, host)
         stem = f"node-{node}"
         nproc = spec.nproc_per_node or (str(host.slots) if host.slots else "gpu")
-        argv = [python, "-m", "torch.distributed.run",
-                "--rdzv-id", job, "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{_bracket(master)}:{spec.port}",
-                "--nnodes", str(len(hosts)), "--nproc-per-node", nproc,
-                "--redirects", "3", "--log-dir", RemotePath(f"{d}/{stem}.torchrun")]
-        if spec.max_restarts is not None:
-            argv += ["--max-restarts", str(spec.max_restarts)]
-        argv += spec.torchrun_args
-        first = spec.command[0]
-        if not (first.endswith(".py") or first.startswith("-")):
-            argv.append("--no-python")
-        argv += spec.command
+        argv = [*torchrun_argv(python, job, f"{_bracket(master)}:{spec.port}", str(len(hosts)), nproc,
+                               RemotePath(f"{d}/{stem}.torchrun"), spec.max_restarts, spec.torchrun_args,
+                               spec.command), *spec.command]
         env = _base_env(spec, job, host, RemotePath(f"{d}/{stem}.error.json"))
         sessions.append(Session(host, f"{job}-{stem}", stem, node, None, None,
                                 tuple(argv), tuple(env.items()), d))

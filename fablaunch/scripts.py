@@ -96,6 +96,22 @@ def session_script(plan: Plan, session: Session, launched: str, mask: bool = Fal
         *exports,
         f"log={sh(session.log)}",
         f"exit_file={sh(session.exit_file)}",
+        *recorded_run(command, plan.workdir, sh(session.host.spec)),
+        "",
+    ])
+
+
+def recorded_run(command: str, workdir: str, where: str) -> list[str]:
+    """The end of every session's script: placeholder exit record, `command` run in `workdir` with its
+    output teed to "$log", and the final record over the placeholder.
+
+    The script sets `log`, `exit_file` and FABLAUNCH_RUN first; `where` is a shell word naming the
+    place in messages (a quoted host spec, or "$node" on Slurm, known only when the task starts).
+    """
+    def say(*parts: str) -> str:
+        return "".join(sh(p) if i % 2 == 0 else p for i, p in enumerate(parts))
+
+    return [
         "# Stay alive when a signal stops the rank, to record how it ended. A handler, unlike an",
         "# ignored signal, is reset on exec, so the rank itself still gets the default action.",
         "trap : INT TERM HUP",
@@ -104,11 +120,11 @@ def session_script(plan: Plan, session: Session, launched: str, mask: bool = Fal
         "record() {",
         "  local rec",
         "  printf -v rec '{\"run\": \"%s\", \"exit_code\": %s, \"start_time\": %s, \"end_time\": %s}' \\",
-        '    "$FABLAUNCH_RUN" "$1" "$start_time" "$2"',
+        f'    "${RUN_VAR}" "$1" "$start_time" "$2"',
         f"  printf '%-{RECORD_BYTES}s\\n' \"$rec\"",
         "}",
         'if ! record null null > "$exit_file" || ! exec 8<>"$exit_file"; then',
-        f"  echo {sh(f'fablaunch: cannot write the exit record on {session.host.spec} (disk full or read-only?)')}"
+        f"  echo {say('fablaunch: cannot write the exit record on ', where, ' (disk full or read-only?)')}"
         " \"$exit_file\" >&2",
         "  exit 1",
         "fi",
@@ -118,16 +134,15 @@ def session_script(plan: Plan, session: Session, launched: str, mask: bool = Fal
         '  record "$1" "${end_time/,/.}" >&8',
         '  exit "$1"',
         "}",
-        f"cd {sh(plan.workdir)} || {{",
-        f"  echo {sh(f'fablaunch: working directory {plan.workdir} does not exist on {session.host.spec}')}"
+        f"cd {sh(workdir)} || {{",
+        f"  echo {say(f'fablaunch: working directory {workdir} does not exist on ', where)}"
         ' | tee -a "$log" >&2',
         "  finish 1",
         "}",
         "# tee outlives a hangup (a killed tmux server): the rank's output keeps reaching its log.",
         f"{command} 8>&- 2>&1 | ( trap '' HUP; exec tee -ia \"$log\" )",
         'finish "${PIPESTATUS[0]}"',
-        "",
-    ])
+    ]
 
 
 def session_marker(session: Session) -> str:

@@ -13,22 +13,21 @@ node failure). Secrets live in a 0600 file the batch script sources, never in sb
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from . import records, survey
 from .errors import LaunchError, UsageError
-from .plan import TAG_VAR, reserved_env
-from .scripts import RECORD_BYTES, RUN_VAR, SESSION_VAR, masked, sh
+from .plan import DEFAULT_ENV, TAG_VAR, check_user_env, program, torchrun_argv
+from .scripts import RUN_VAR, SESSION_VAR, masked, recorded_run, sh
 from .spec import JobSpec, check_job_name, default_job_name, default_python, default_workdir
 from .survey import SessionState
 
@@ -82,10 +81,6 @@ class SlurmPlan:
     def dir(self) -> str:
         return f"{self.logdir}/{self.job}"
 
-    @property
-    def world(self) -> int:
-        return self.nodes * self.tasks_per_node
-
     def sessions_on(self, node: int) -> list[tuple[str, int | None]]:
         """The (stem, rank) of each session the node runs: per-GPU ranks in block order, or its torchrun."""
         if self.mode == "torchrun":
@@ -94,7 +89,7 @@ class SlurmPlan:
         return [(f"rank-{r}", r) for r in range(first, first + self.tasks_per_node)]
 
 
-def plan(spec: JobSpec, mode: str, job: str | None = None) -> SlurmPlan:
+def plan(spec: JobSpec, mode: str) -> SlurmPlan:
     """Check the Slurm options and plan the job; bad input is a UsageError naming the flag."""
     opts = dict(spec.slurm)
     nodes = _count(opts.get("nodes"), "--nodes")
@@ -107,11 +102,8 @@ def plan(spec: JobSpec, mode: str, job: str | None = None) -> SlurmPlan:
         nodes = len(_expand(nodelist)) if nodelist else 1
     gpus = _count(opts.get("gpus_per_node"), "--gpus-per-node")
     per_node = gpus or 1
-    name = check_job_name(spec.name, "--job") if spec.name else (job or default_job_name(spec.command))
-    for key in spec.env:
-        problem = reserved_env(key)
-        if problem:
-            raise UsageError("--env", problem)
+    name = check_job_name(spec.name, "--job") if spec.name else default_job_name(spec.command)
+    check_user_env(spec.env)
     options: list[tuple[str, str]] = []
     for key, flag, pattern in (("partition", "--partition", _PARTITION), ("time", "--time", _TIME),
                                ("account", "--account", _PARTITION), ("exclude", "--exclude", _NODES)):
@@ -222,7 +214,7 @@ def _shift_session(p: SlurmPlan) -> list[str]:
 
 def env_file(p: SlurmPlan, mask: bool = False) -> str:
     """The job's variables (the user's and fablaunch's own), sourced by the batch script: mode 0600."""
-    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **dict(p.env), "FABLAUNCH_JOB": p.job}
+    env = {**DEFAULT_ENV, **dict(p.env), "FABLAUNCH_JOB": p.job}
     return "".join(f"{k}={masked(k, v, p.secrets) if mask else sh(v)}\n" for k, v in env.items())
 
 
@@ -231,17 +223,9 @@ def task_script(p: SlurmPlan) -> str:
     if p.mode == "torchrun":
         stem = "node-$SLURM_NODEID"
         contract = ['export TORCHELASTIC_ERROR_FILE="$d/$stem.error.json"']
-        argv = [p.python, "-m", "torch.distributed.run", "--rdzv-id", f"{p.job}-$SLURM_JOB_ID",
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", "$MASTER_ADDR:$MASTER_PORT",
-                "--nnodes", "$SLURM_NNODES", "--nproc-per-node", p.nproc_per_node,
-                "--redirects", "3", "--log-dir", "$d/$stem.torchrun"]
-        if p.max_restarts is not None:
-            argv += ["--max-restarts", str(p.max_restarts)]
-        argv += list(p.torchrun_args)
-        first = p.command[0]
-        if not (first.endswith(".py") or first.startswith("-")):
-            argv.append("--no-python")
-        command = " ".join(_word(a) for a in argv) + " " + " ".join(sh(a) for a in p.command)
+        ours = torchrun_argv(p.python, f"{p.job}-$SLURM_JOB_ID", "$MASTER_ADDR:$MASTER_PORT", "$SLURM_NNODES",
+                             p.nproc_per_node, "$d/$stem.torchrun", p.max_restarts, p.torchrun_args, p.command)
+        command = " ".join([*(_word(a) for a in ours), *(sh(a) for a in p.command)])
     else:
         stem = "rank-$SLURM_PROCID"
         contract = [
@@ -250,9 +234,7 @@ def task_script(p: SlurmPlan) -> str:
             "export GROUP_WORLD_SIZE=$SLURM_NNODES ROLE_RANK=$SLURM_PROCID ROLE_WORLD_SIZE=$SLURM_NTASKS",
             'export TORCHELASTIC_ERROR_FILE="$d/$stem.error.json"',
         ]
-        first = p.command[0]
-        program = [p.python, *p.command] if first.endswith(".py") or first == "-m" else list(p.command)
-        command = " ".join(sh(a) for a in program)
+        command = " ".join(sh(a) for a in program(p.command, p.python))
     return "\n".join([
         "#!/bin/bash",
         f"# One task of fablaunch job {p.job} under Slurm: the torchrun environment from Slurm's numbering.",
@@ -262,27 +244,7 @@ def task_script(p: SlurmPlan) -> str:
         'export FABLAUNCH_HOST="$node"',
         f'export {TAG_VAR}="$FABLAUNCH_JOB@$node" {SESSION_VAR}="$FABLAUNCH_JOB-$stem@$node"',
         'log="$d/$stem.log"; exit_file="$d/$stem.exit"',
-        "trap : INT TERM HUP  # stay to record how the command ended; exec resets a handler",
-        "start_time=${EPOCHREALTIME:-$(date +%s.%N)}; start_time=${start_time/,/.}",
-        "record() {",
-        "  local rec",
-        "  printf -v rec '{\"run\": \"%s\", \"exit_code\": %s, \"start_time\": %s, \"end_time\": %s}' \\",
-        f'    "${RUN_VAR}" "$1" "$start_time" "$2"',
-        f"  printf '%-{RECORD_BYTES}s\\n' \"$rec\"",
-        "}",
-        'if ! record null null > "$exit_file" || ! exec 8<>"$exit_file"; then',
-        '  echo "fablaunch: cannot write the exit record $exit_file on $node (disk full or read-only?)" >&2',
-        "  exit 1",
-        "fi",
-        "finish() {",
-        "  local end_time=${EPOCHREALTIME:-$(date +%s.%N)}",
-        '  record "$1" "${end_time/,/.}" >&8',
-        '  exit "$1"',
-        "}",
-        f'cd {sh(p.workdir)} || {{ echo "fablaunch: working directory {p.workdir} missing on $node" '
-        '| tee -a "$log" >&2; finish 1; }',
-        f"{command} 8>&- 2>&1 | ( trap '' HUP; exec tee -ia \"$log\" )",
-        'finish "${PIPESTATUS[0]}"',
+        *recorded_run(command, p.workdir, '"$node"'),
         "",
     ])
 
@@ -371,9 +333,6 @@ class JobInfo:
     job_id: str
     state: str = ""  # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, NODE_FAIL, ...
     reason: str = ""
-    nodes: str = ""
-    exit_code: str = ""
-    fields: dict[str, str] = field(default_factory=dict)
 
     @property
     def gone(self) -> bool:
@@ -397,15 +356,14 @@ def job_info(job_id: str) -> JobInfo:
             return JobInfo(job_id)
         raise
     fields: dict[str, str] = {m.group(1): m.group(2) for m in re.finditer(r"(\w+)=(\S*)", out.strip())}
-    return JobInfo(job_id, fields.get("JobState", ""), fields.get("Reason", ""), fields.get("NodeList", ""),
-                   fields.get("ExitCode", ""), fields)
+    return JobInfo(job_id, fields.get("JobState", ""), fields.get("Reason", ""))
 
 
-def survey_job(rec: dict[str, Any], info: JobInfo | None = None) -> list[SessionState]:
+def survey_job(rec: dict[str, Any]) -> list[SessionState]:
     """Every session of a Slurm job: its files read from the shared directory, merged with Slurm's state."""
     from .hostfile import parse_host
 
-    info = info or job_info(str(rec["slurm_job"]))
+    info = job_info(str(rec["slurm_job"]))
     here = parse_host("localhost", "slurm")
     try:
         out = subprocess.run(["bash", "-s"], input=survey.payload(here, rec["job"], rec["logdir"]),
@@ -436,11 +394,6 @@ def survey_job(rec: dict[str, Any], info: JobInfo | None = None) -> list[Session
 def slurm_records() -> list[dict[str, Any]]:
     """This project's launch records of Slurm jobs."""
     return [r for r in records.load_all() if r.get("backend") == BACKEND]
-
-
-def record_of(job: str) -> dict[str, Any] | None:
-    rec = records.load(job)
-    return rec if rec and rec.get("backend") == BACKEND else None
 
 
 # --- stopping -------------------------------------------------------------------------------------------------
@@ -512,10 +465,6 @@ def _wait_end(job_id: str, seconds: float) -> bool:
         if time.monotonic() > end:
             return False
         time.sleep(0.5)
-
-
-def json_record(rec: dict[str, Any]) -> str:
-    return json.dumps(rec)
 
 
 # --- doctor ---------------------------------------------------------------------------------------------------

@@ -234,3 +234,21 @@ def test_how_a_slurm_task_ended_comes_from_its_signal_else_from_when_it_ended() 
     assert _slurm_end(task("failed", ended=50.0), phases) is None  # ended before the stop: not its doing
     assert _slurm_end(task("cancelled"), phases) == "KILL"
     assert _slurm_end(task("running"), phases) is None
+
+
+def test_a_task_with_a_hostile_missing_workdir_says_so_and_runs_nothing(tmp_path: Path) -> None:
+    from fablaunch import slurm
+    from fablaunch.spec import JobSpec
+
+    workdir = tmp_path / 'no "$(touch pwned)"'
+    p = slurm.plan(JobSpec(command=["true"], name="j", workdir=str(workdir),
+                           slurm={"logdir": str(tmp_path / "logs")}), "gpus")
+    env = {"PATH": os.environ["PATH"], "SLURMD_NODENAME": "n1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_NTASKS": "1", "SLURM_NODEID": "0", "SLURM_NNODES": "1", "FABLAUNCH_JOB": "j",
+           "FABLAUNCH_RUN": "7"}
+    done = subprocess.run(["bash", "-c", slurm.task_script(p)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 1
+    assert f"fablaunch: working directory {workdir} does not exist on n1" in done.stderr
+    assert json.loads((tmp_path / "logs" / "j" / "n1" / "rank-0.exit").read_text())["exit_code"] == 1
+    assert not (tmp_path / "pwned").exists()
