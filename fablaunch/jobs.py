@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import records, slurm, survey, ui
+from . import records, slurm, survey, tmux, ui
 from .errors import JobNotFound, UsageError
 from .executor import REMOTE_SHELL, Executor, Outcome
 from .hostfile import Host, parse_host, read_gpus, read_hosts
@@ -84,6 +84,14 @@ class Backend(Protocol):
 
     def files_host(self, state: SessionState) -> Host | None: ...
 
+    def on_nodes(self, payload_for: Callable[[Host], str]) -> dict[str, Outcome]:
+        """Run a payload on every node the job may run on (each node's own); Outcomes by node."""
+        ...
+
+    def alive(self, job: str) -> str:
+        """A shell test, run where the job's files are read, that fails once the job has nothing left running."""
+        ...
+
 
 class SshBackend:
     """Sessions in tmux on the hosts of host files and launch records, reached over ssh."""
@@ -102,14 +110,21 @@ class SshBackend:
     def files_host(self, state: SessionState) -> Host | None:
         return next((h for h in self.hosts if h.spec == state.host), None)
 
+    def on_nodes(self, payload_for: Callable[[Host], str]) -> dict[str, Outcome]:
+        return self.ex.run({h: (REMOTE_SHELL, payload_for(h)) for h in self.hosts})
+
+    def alive(self, job: str) -> str:
+        return f"{tmux.list_command(job)} | grep -q ."
+
 
 class SlurmBackend:
     """This project's Slurm jobs: tasks of a Slurm job, their files in a directory every node shares."""
 
     name = "slurm"
 
-    def __init__(self, recs: list[dict[str, Any]]) -> None:
+    def __init__(self, recs: list[dict[str, Any]], deadline: float = slurm.COMMAND_DEADLINE) -> None:
         self.recs = recs  # the launch records of the jobs asked about (see backends)
+        self.deadline = deadline
 
     def survey(self, job: str | None) -> Survey:
         states: list[SessionState] = []
@@ -128,16 +143,32 @@ class SlurmBackend:
     def files_host(self, state: SessionState) -> Host | None:
         return LOCAL  # the shared directory, read here
 
+    def on_nodes(self, payload_for: Callable[[Host], str]) -> dict[str, Outcome]:
+        """Through a step of each running job (`srun --overlap`); a job not running is one failed Outcome."""
+        found: dict[str, Outcome] = {}
+        for rec in self.recs:
+            try:
+                found.update(slurm.on_nodes(rec, payload_for, deadline=self.deadline))
+            except slurm.SlurmError as exc:
+                found[f"slurm job {rec['slurm_job']}"] = Outcome(LOCAL, error=exc.message)
+        return found
+
+    def alive(self, job: str) -> str:
+        return " || ".join(slurm.alive_test(str(r["slurm_job"])) for r in self.recs if r["job"] == job) or "false"
+
 
 LOCAL = parse_host("localhost", "fablaunch")
 
 
 def backends(ex: Executor, hosts: list[Host], job: str | None) -> list[Backend]:
-    """The backends a job (every job: None) may run on: its hosts over ssh, and this project's Slurm jobs."""
-    found: list[Backend] = [SshBackend(ex, hosts)] if hosts else []
+    """The backends a job (every job: None) may run on: its hosts over ssh, and this project's Slurm jobs.
+
+    A job this project launched on Slurm is Slurm's alone: the host files' hosts are not asked about it.
+    """
     recs = [r for r in slurm.slurm_records() if job is None or r["job"] == job]
+    found: list[Backend] = [SshBackend(ex, hosts)] if hosts and not (job is not None and recs) else []
     if recs:
-        found.append(SlurmBackend(recs))
+        found.append(SlurmBackend(recs, deadline=ex.deadline or slurm.COMMAND_DEADLINE))
     return found
 
 
@@ -230,8 +261,11 @@ def select(job: str, states: list[SessionState], ranks: list[int], nodes: list[i
     return picks
 
 
-def logs_payload(picks: list[Pick], lines: int, follow: bool, job: str) -> str:
-    """Print (or follow) a host's logs, each line prefixed with its file's key and a tab."""
+def logs_payload(picks: list[Pick], lines: int, follow: bool, alive: str = "false") -> str:
+    """Print (or follow) a host's logs, each line prefixed with its file's key and a tab.
+
+    Following stops once the shell test `alive` (the backend's: any session of the job left) fails.
+    """
     files = []
     for p in picks:
         s = p.state
@@ -263,9 +297,7 @@ def logs_payload(picks: list[Pick], lines: int, follow: bool, job: str) -> str:
                  f"    tail -n {lines} -F \"$f\" 2>/dev/null > >(emit {sh(key)}\"${{f#{sh(prefix)}}}\") &",
                  "    pids=\"$pids $!\"",
                  "  done"]
-    from .tmux import list_command
-
-    body += [f"  {list_command(job)} | grep -q . || {{ sleep 1; exit 0; }}",
+    body += [f"  {{ {alive}; }} || {{ sleep 1; exit 0; }}",
              f"  printf '{survey.SEP}\\n' || exit 0", "  sleep 1", "done"]
     return "\n".join([*emit, *body, ""])
 
@@ -320,10 +352,20 @@ def show_logs(ex: Executor, hosts: list[Host], job: str, ranks: list[int], only_
     whole torchrun node: its session log and every worker's); see `select`. Lines go to `write`
     (default stdout); returns the hosts that could not be asked, with why.
     """
-    result = take_survey(ex, hosts, job)
-    mine = [s for s in result.states if s.job == job]
-    picks = [p for p in select(job, mine, ranks, nodes or [])
-             if p.state.state != "unknown" and (not only_hosts or p.state.host in only_hosts)]
+    told = False
+    while True:
+        result = take_survey(ex, hosts, job)
+        mine = [s for s in result.states if s.job == job]
+        picks = [p for p in select(job, mine, ranks, nodes or [])
+                 if p.state.state != "unknown" and p.state.log and (not only_hosts or p.state.host in only_hosts)]
+        # A Slurm job that has not started has no sessions yet: following waits for them.
+        waiting = [s for s in mine if not s.log and s.state in ("pending", "running")]
+        if picks or not follow or not waiting:
+            break
+        if not told:
+            told = True
+            ui.say(f"job {job} has not started yet ({waiting[0].last_line}): waiting for it", stderr=True)
+        time.sleep(1.0)
     if not picks:
         raise UsageError("--job", f"no logs of job {job} found on the hosts"
                          + (f" (unreachable: {', '.join(result.unreachable)})" if result.unreachable else ""))
@@ -339,7 +381,9 @@ def show_logs(ex: Executor, hosts: list[Host], job: str, ranks: list[int], only_
             per_host.setdefault(reader.spec, []).append(p)
 
     def one(spec: str) -> Outcome:
-        return ex.run_one(by_host[spec], REMOTE_SHELL, logs_payload(per_host[spec], lines, follow, job), printer)
+        backend = readers[per_host[spec][0].state.backend]
+        return ex.run_one(by_host[spec], REMOTE_SHELL,
+                          logs_payload(per_host[spec], lines, follow, backend.alive(job)), printer)
 
     threads = [threading.Thread(target=one, args=(spec,), daemon=True) for spec in per_host]
     for t in threads:
@@ -445,7 +489,7 @@ def stop_job(ex: Executor, hosts: list[Host], job: str | None, grace: float,
 
 def slurm_stop(rec: dict[str, Any], grace: float, on_progress: Callable[[str, str], Any] | None) -> Stopped:
     """Stop one Slurm job and say how each of its sessions ended, from their exit records."""
-    where = f"slurm job {rec['slurm_job']}"
+    where = f"slurm {'allocation' if rec.get('step_name') else 'job'} {rec['slurm_job']}"
     try:
         did = slurm.stop(rec, grace, on_progress)
         states = slurm.survey_job(rec)

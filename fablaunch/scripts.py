@@ -201,8 +201,8 @@ PORT_PROBE = (
 )
 
 
-def port_in_use(port: int, address: str, python: str | None) -> str:
-    """A shell test, true when something already holds TCP `port` on this host.
+def port_in_use(port: int | str, address: str, python: str | None) -> str:
+    """A shell test, true when something already holds TCP `port` (a number, or a shell word) on this host.
 
     A bind test needs an interpreter, and the job's may be the one that is missing, so any python on
     the PATH will do; without one, a listener that accepts on `address` or loopback counts as taken.
@@ -419,3 +419,26 @@ def prune_payload(job: str, host: Host, dry: bool) -> str:
         'echo "files=$files"',
         "",
     ])
+
+
+# Prints python/torch/cuda/nccl versions as key=value lines; a torch that fails to import is a
+# finding, not a crash. Runs under the job's interpreter, in the job's working directory.
+VERSION_PROBE = """\
+import platform
+print("python=" + platform.python_version())
+try:
+    import torch
+except Exception as e:
+    print("torch_error=%s: %s" % (type(e).__name__, (str(e).splitlines() or [""])[0]))
+else:
+    print("torch=" + torch.__version__)
+    print("cuda=" + (torch.version.cuda or ""))
+    nccl = ""
+    try:
+        if torch.distributed.is_available() and torch.distributed.is_nccl_available():
+            v = torch.cuda.nccl.version()
+            nccl = ".".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
+    except Exception:
+        pass
+    print("nccl=" + nccl)
+"""

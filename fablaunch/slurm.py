@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -26,10 +28,12 @@ from typing import Any
 
 from . import records, survey
 from .errors import LaunchError, UsageError
+from .executor import Outcome
+from .hostfile import Host, parse_host
 from .plan import DEFAULT_ENV, TAG_VAR, check_user_env, program, torchrun_argv
-from .scripts import RUN_VAR, SESSION_VAR, masked, recorded_run, sh
+from .scripts import RUN_VAR, SESSION_VAR, VERSION_PROBE, masked, port_in_use, recorded_run, sh
 from .spec import JobSpec, check_job_name, default_job_name, default_python, default_workdir
-from .survey import SessionState
+from .survey import SessionState, as_int
 
 BACKEND = "slurm"
 DEFAULT_LOGDIR = Path(".fablaunch") / "slurm"  # under the submit directory, which the nodes share
@@ -76,6 +80,7 @@ class SlurmPlan:
     gpus_per_node: int | None = None  # asked of Slurm as GRES where the partition has GPUs
     max_restarts: int | None = None
     torchrun_args: tuple[str, ...] = ()
+    allocation: str | None = None  # inside `salloc` (SLURM_JOB_ID): the job runs as a step of it
 
     @property
     def dir(self) -> str:
@@ -89,9 +94,24 @@ class SlurmPlan:
         return [(f"rank-{r}", r) for r in range(first, first + self.tasks_per_node)]
 
 
-def plan(spec: JobSpec, mode: str) -> SlurmPlan:
-    """Check the Slurm options and plan the job; bad input is a UsageError naming the flag."""
+def allocation() -> str | None:
+    """The Slurm job this process runs inside (`salloc`, or a batch script), from SLURM_JOB_ID."""
+    job_id = os.environ.get("SLURM_JOB_ID", "").strip()
+    return job_id if job_id.isdigit() else None
+
+
+def plan(spec: JobSpec, mode: str, inside: str | None = None) -> SlurmPlan:
+    """Check the Slurm options and plan the job; bad input is a UsageError naming the flag.
+
+    `inside` (an allocation's job id) plans a step of that allocation: its nodes, no sbatch options.
+    """
     opts = dict(spec.slurm)
+    if inside is not None:
+        for key, flag in (("partition", "--partition"), ("time", "--time"), ("account", "--account"),
+                          ("exclude", "--exclude"), ("sbatch_args", "--sbatch-arg")):
+            if opts.get(key):
+                raise UsageError(flag, f"inside Slurm allocation {inside} (SLURM_JOB_ID) the job runs as a step of "
+                                       "it, where sbatch options do not apply; unset SLURM_JOB_ID to submit a new job")
     nodes = _count(opts.get("nodes"), "--nodes")
     nodelist = opts.get("nodelist")
     if nodelist is not None and os.path.isfile(nodelist):  # a hosts file: those nodes
@@ -99,7 +119,7 @@ def plan(spec: JobSpec, mode: str) -> SlurmPlan:
 
         nodelist = ",".join(dict.fromkeys(h.name for h in read_hosts(Path(nodelist))))
     if nodes is None:
-        nodes = len(_expand(nodelist)) if nodelist else 1
+        nodes = len(_expand(nodelist)) if nodelist else _allocated_nodes(inside) if inside else 1
     gpus = _count(opts.get("gpus_per_node"), "--gpus-per-node")
     per_node = gpus or 1
     name = check_job_name(spec.name, "--job") if spec.name else default_job_name(spec.command)
@@ -130,7 +150,18 @@ def plan(spec: JobSpec, mode: str) -> SlurmPlan:
     return SlurmPlan(name, mode, nodes, per_node, tuple(spec.command), spec.python or default_python(),
                      spec.workdir or default_workdir(), spec.port if spec.port_given else None,
                      tuple(spec.env.items()), frozenset(spec.secrets), logdir, tuple(options), sbatch_args,
-                     nproc, gpus, spec.max_restarts, tuple(spec.torchrun_args))
+                     nproc, gpus, spec.max_restarts, tuple(spec.torchrun_args), inside)
+
+
+def _allocated_nodes(job_id: str) -> int:
+    """How many nodes an allocation has: salloc's SLURM_JOB_NUM_NODES, else Slurm's word."""
+    text = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or ""
+    if text.isdigit():
+        return int(text)
+    try:
+        return max(1, len(_expand(job_info(job_id).nodelist)))
+    except SlurmError:
+        return 1
 
 
 def _count(value: Any, flag: str) -> int | None:
@@ -160,28 +191,54 @@ def _expand(nodelist: str) -> list[str]:
 # --- the scripts ----------------------------------------------------------------------------------------------
 
 
-def batch_script(p: SlurmPlan, launched: str, gres: bool = False) -> str:
-    """The batch script sbatch runs on the first node: find the master, write manifests, start the tasks."""
-    directives = [f"--job-name={p.job}", f"--nodes={p.nodes}", f"--ntasks-per-node={p.tasks_per_node}",
-                  f"--output={p.dir}/slurm-%j.out", "--open-mode=append", f"--chdir={p.workdir}"]
-    directives += [f"--{key}={value}" for key, value in p.options]
-    if gres and p.gpus_per_node:
-        directives.append(f"--gres=gpu:{p.gpus_per_node}")
+def batch_script(p: SlurmPlan, launched: str, gres: bool = False, run: str = "", step: str = "") -> str:
+    """The batch script sbatch runs on the first node: find the master, write manifests, start the tasks.
+
+    Inside an allocation (`p.allocation`) the same script runs here, detached, and starts the tasks
+    as a step named `step` on the allocation's first nodes; `run` is then the launch's own id.
+    """
+    head: list[str] = []
+    if p.allocation is None:
+        directives = [f"--job-name={p.job}", f"--nodes={p.nodes}", f"--ntasks-per-node={p.tasks_per_node}",
+                      f"--output={p.dir}/slurm-%j.out", "--open-mode=append", f"--chdir={p.workdir}"]
+        directives += [f"--{key}={value}" for key, value in p.options]
+        if gres and p.gpus_per_node:
+            directives.append(f"--gres=gpu:{p.gpus_per_node}")
+        head = [f"#SBATCH {sh(d)}" for d in directives]
+        port = str(p.port) if p.port is not None else f"$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))"
+        nodes = 'scontrol show hostnames "$SLURM_JOB_NODELIST"'
+        run = '"$SLURM_JOB_ID"'
+        srun = ["srun --kill-on-bad-exit=0 --distribution=block "
+                f"--ntasks-per-node={p.tasks_per_node} bash \"$dir/task.sh\""]
+    else:
+        port = str(p.port) if p.port is not None else str(PORT_BASE + int(run.rsplit("-", 1)[-1], 16) % PORT_SPAN)
+        chosen = dict(p.options).get("nodelist")
+        # The allocation's first nodes, in Slurm's order (or the --nodelist given): the step runs there.
+        nodes = (f"scontrol show hostnames {sh(chosen)}" if chosen else
+                 'scontrol show hostnames "$(squeue -h -j "$SLURM_JOB_ID" -o %N)"') + f" | head -n {p.nodes}"
+        run = sh(run)
+        srun = ['[ "${#nodes[@]}" = ' + str(p.nodes) + ' ] || { echo "fablaunch: allocation $SLURM_JOB_ID has '
+                f'${{#nodes[@]}} of the {p.nodes} nodes wanted" >&2; exit 1; }}',
+                # srun takes SLURM_NTASKS and friends from salloc's environment as options: ours are explicit.
+                f"srun --jobid=\"$SLURM_JOB_ID\" --job-name={sh(step)} --nodes={p.nodes} "
+                f"--ntasks={p.nodes * p.tasks_per_node} --ntasks-per-node={p.tasks_per_node} "
+                '--nodelist="$(IFS=,; echo "${nodes[*]}")" --kill-on-bad-exit=0 --distribution=block '
+                f"--chdir={sh(p.workdir)} bash \"$dir/task.sh\""]
     sessions = " ".join(f"{stem}:{'null' if rank is None else rank}" for stem, rank in p.sessions_on(0))
-    port = str(p.port) if p.port is not None else f"$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))"
     return "\n".join([
         "#!/bin/bash",
-        *(f"#SBATCH {sh(d)}" for d in directives),
+        *head,
         f"# fablaunch job {p.job} ({p.mode}), written {launched}. fab status/logs/wait/stop read the files",
         "# beside this script; the variables are in env.sh (mode 0600), never on a command line.",
         f"dir={sh(p.dir)}",
         'set -a; . "$dir/env.sh" || exit 1; set +a',
-        'mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+        f"mapfile -t nodes < <({nodes})",
         "# The first node's address as Slurm knows it: a NodeName need not resolve.",
         'addr=$(scontrol show node "${nodes[0]}" | grep -o "NodeAddr=[^ ]*" | head -n 1)',
         'export MASTER_ADDR=${addr#NodeAddr=}; [ -n "$MASTER_ADDR" ] || MASTER_ADDR=${nodes[0]}',
         f"export MASTER_PORT={port}",
-        f'export {RUN_VAR}="$SLURM_JOB_ID"',
+        *_free_port(p),
+        f"export {RUN_VAR}={run}",
         f"launched={sh(launched)}",
         "# One manifest per node, as over ssh: which sessions that node runs, for status from anywhere.",
         'for i in "${!nodes[@]}"; do',
@@ -194,15 +251,33 @@ def batch_script(p: SlurmPlan, launched: str, gres: bool = False) -> str:
         '\\"rank\\": $rank, \\"node\\": $i}"',
         "  done",
         '  printf \'{"job": "%s", "run": "%s", "mode": "%s", "launched": "%s", "slurm_job": "%s", '
-        '"sessions": [%s]}\\n\' "$FABLAUNCH_JOB" "$SLURM_JOB_ID" '
+        '"sessions": [%s]}\\n\' "$FABLAUNCH_JOB" "$FABLAUNCH_RUN" '
         f'{sh(p.mode)} "$launched" "$SLURM_JOB_ID" "$entries" > "$dir/$n/manifest.json"',
         "done",
         "# Each task maps Slurm's numbering onto the torchrun contract (task.sh). Block distribution:",
         "# node K runs ranks K*T .. K*T+T-1, as a gpus file lists a host once per GPU in rank order.",
-        f"exec srun --kill-on-bad-exit=0 --distribution=block --ntasks-per-node={p.tasks_per_node} "
-        'bash "$dir/task.sh"',
+        *srun,
+        "rc=$?",
+        "# What a rank left behind (a child that called setsid is out of Slurm's reach) dies with the run.",
+        f"timeout 60 srun --overlap --job-name=fablaunch-sweep --nodes={p.nodes} --ntasks-per-node=1 "
+        '--nodelist="$(IFS=,; echo "${nodes[*]}")" '
+        + " ".join(sh(a) for a in sweep_command("")[:-1]) + f' "{RUN_VAR}=${RUN_VAR}" >/dev/null 2>&1',
+        'exit "$rc"',
         "",
     ])
+
+
+def _free_port(p: SlurmPlan) -> list[str]:
+    """A derived MASTER_PORT that something on the first node already holds moves up to a free one.
+
+    The batch script runs on the first node, where rank 0's store binds the port; a port the user
+    chose (--port) is theirs to keep. Inside an allocation the driver runs elsewhere: no test there.
+    """
+    if p.port is not None or p.allocation is not None:
+        return []
+    taken = port_in_use('"$MASTER_PORT"', "127.0.0.1", p.python)  # the bind test covers every address
+    return ["# A derived port held by another program on this (the first) node: the next free one.",
+            f"for _ in $(seq 50); do {taken} || break; MASTER_PORT=$(( MASTER_PORT + 1 )); done"]
 
 
 def _shift_session(p: SlurmPlan) -> list[str]:
@@ -223,7 +298,7 @@ def task_script(p: SlurmPlan) -> str:
     if p.mode == "torchrun":
         stem = "node-$SLURM_NODEID"
         contract = ['export TORCHELASTIC_ERROR_FILE="$d/$stem.error.json"']
-        ours = torchrun_argv(p.python, f"{p.job}-$SLURM_JOB_ID", "$MASTER_ADDR:$MASTER_PORT", "$SLURM_NNODES",
+        ours = torchrun_argv(p.python, f"{p.job}-${RUN_VAR}", "$MASTER_ADDR:$MASTER_PORT", "$SLURM_NNODES",
                              p.nproc_per_node, "$d/$stem.torchrun", p.max_restarts, p.torchrun_args, p.command)
         command = " ".join([*(_word(a) for a in ours), *(sh(a) for a in p.command)])
     else:
@@ -288,6 +363,8 @@ def submit(p: SlurmPlan, *, dry: bool = False) -> dict[str, Any]:
     Bad Slurm options are refused by `sbatch --test-only` before anything is submitted (UsageError).
     """
     launched = datetime.now().astimezone().isoformat(timespec="seconds")
+    if p.allocation is not None:
+        return _start_step(p, launched, dry)
     gres = _has_gpus(p)
     script = batch_script(p, launched, gres)
     if dry:
@@ -296,19 +373,7 @@ def submit(p: SlurmPlan, *, dry: bool = False) -> dict[str, Any]:
         run(["sbatch", "--test-only", *p.sbatch_args], stdin=script)
     except SlurmError as exc:
         raise UsageError("--slurm", f"Slurm refuses the job: {exc.message}") from None
-    d = Path(p.dir)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        for name, text, mode in (("env.sh", env_file(p), 0o600), ("job.sbatch", script, 0o600),
-                                 ("task.sh", task_script(p), 0o644)):
-            path = d / name
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.chmod(path, mode)
-    except OSError as exc:
-        raise LaunchError(f"cannot write the job's files in {d}: {exc.strerror or exc}; nothing was submitted") \
-            from None
+    d = _write_files(p, "job.sbatch", script)
     argv = ["sbatch", "--parsable", *p.sbatch_args, str(d / "job.sbatch")]
     try:
         out = run(argv)
@@ -323,6 +388,68 @@ def submit(p: SlurmPlan, *, dry: bool = False) -> dict[str, Any]:
     return rec
 
 
+def _write_files(p: SlurmPlan, script_name: str, script: str) -> Path:
+    """The job's env.sh (0600), its driver script (0600) and task.sh, in the directory the nodes share."""
+    d = Path(p.dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text, mode in (("env.sh", env_file(p), 0o600), (script_name, script, 0o600),
+                                 ("task.sh", task_script(p), 0o644)):
+            path = d / name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(path, mode)
+    except OSError as exc:
+        raise LaunchError(f"cannot write the job's files in {d}: {exc.strerror or exc}; nothing was started") \
+            from None
+    return d
+
+
+STEP_START = 15.0  # seconds a launch inside an allocation waits to see its step start
+
+
+def _start_step(p: SlurmPlan, launched: str, dry: bool) -> dict[str, Any]:
+    """Inside an allocation: run the job as a step of it, started by the driver script detached from here.
+
+    The step gets a name of its own, so status and stop find it (and only it) among the user's other
+    steps of the allocation; its launch has a run id of its own, as two launches share the job id.
+    """
+    assert p.allocation is not None
+    token = secrets.token_hex(4)
+    run_id, step = f"{p.allocation}-{token}", f"fablaunch-{p.job}-{token}"
+    script = batch_script(p, launched, run=run_id, step=step)
+    if dry:
+        return {"script": script, "task": task_script(p), "env": env_file(p, mask=True)}
+    info = job_info(p.allocation)
+    if info.state != "RUNNING":
+        raise UsageError("SLURM_JOB_ID", f"allocation {p.allocation} is {info.state or 'gone'}, not running: no step "
+                                         "can start in it (unset SLURM_JOB_ID to submit a new job)")
+    have = len(_expand(info.nodelist))
+    if p.nodes > have:
+        raise UsageError("--nodes", f"allocation {p.allocation} has {have} node{'s' if have != 1 else ''}, "
+                                    f"not the {p.nodes} asked for")
+    d = _write_files(p, "step.sh", script)
+    out = d / f"slurm-{run_id}.out"
+    with open(out, "ab") as log:  # the driver holds its own copy; it outlives this process
+        driver = subprocess.Popen(["bash", str(d / "step.sh")], cwd=d, env={**os.environ, RUN_VAR: run_id},
+                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    rec = {"job": p.job, "backend": BACKEND, "run": run_id, "slurm_job": p.allocation, "step_name": step,
+           "driver_pid": driver.pid, "mode": p.mode, "launched": launched, "hosts": [], "logdir": p.logdir,
+           "nodes": p.nodes, "tasks_per_node": p.tasks_per_node, "command": list(p.command),
+           "workdir": p.workdir, "script": str(d / "step.sh")}
+    end = time.monotonic() + STEP_START
+    while time.monotonic() < end and _step(rec) is None:
+        if driver.poll() is not None:
+            said = out.read_text(errors="replace").strip().splitlines()[-3:]
+            raise LaunchError(f"the step did not start in allocation {p.allocation} (exit {driver.returncode}): "
+                              + ("; ".join(said) or "no output"))
+        time.sleep(0.2)
+    records.save(rec)
+    return rec
+
+
 # --- reading a job's state ------------------------------------------------------------------------------------
 
 
@@ -333,6 +460,7 @@ class JobInfo:
     job_id: str
     state: str = ""  # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, NODE_FAIL, ...
     reason: str = ""
+    nodelist: str = ""  # node1,node[2-3]: where it runs (or ran)
 
     @property
     def gone(self) -> bool:
@@ -356,14 +484,51 @@ def job_info(job_id: str) -> JobInfo:
             return JobInfo(job_id)
         raise
     fields: dict[str, str] = {m.group(1): m.group(2) for m in re.finditer(r"(\w+)=(\S*)", out.strip())}
-    return JobInfo(job_id, fields.get("JobState", ""), fields.get("Reason", ""))
+    return JobInfo(job_id, fields.get("JobState", ""), fields.get("Reason", ""), fields.get("NodeList", ""))
+
+
+def _step(rec: dict[str, Any]) -> tuple[str, str] | None:
+    """A launch's step among its allocation's running steps, found by its name: (step id, node list)."""
+    out = run(["squeue", "-h", "-s", "-j", str(rec["slurm_job"]), "-o", "%i|%j|%N"])
+    for line in out.splitlines():
+        step_id, _, rest = line.partition("|")
+        name, _, nodes = rest.partition("|")
+        if name == rec["step_name"]:
+            return step_id, nodes
+    return None
+
+
+def _driver_alive(rec: dict[str, Any]) -> bool:
+    """Whether the process that starts a launch's step is still there (checked by its run marker)."""
+    try:
+        environ = Path(f"/proc/{int(rec['driver_pid'])}/environ").read_bytes()
+    except (OSError, KeyError, ValueError):
+        return False
+    return f"{RUN_VAR}={rec['run']}".encode() in environ.split(b"\0")
+
+
+def launch_state(rec: dict[str, Any]) -> JobInfo:
+    """Slurm's state of a launch: its batch job, or inside an allocation its step (its `job_id` then A.S).
+
+    A step Slurm no longer lists has ended (COMPLETED: each rank's record says how), unless the
+    whole allocation ended, whose state then says how; a step yet to start is PENDING.
+    """
+    if not rec.get("step_name"):
+        return job_info(str(rec["slurm_job"]))
+    found = _step(rec)
+    if found:
+        return JobInfo(found[0], "RUNNING", "", found[1])
+    alloc = job_info(str(rec["slurm_job"]))
+    if alloc.ended:
+        return alloc
+    if _driver_alive(rec):
+        return JobInfo(str(rec["slurm_job"]), "PENDING", "step not started yet")
+    return JobInfo(str(rec["slurm_job"]), "COMPLETED")
 
 
 def survey_job(rec: dict[str, Any]) -> list[SessionState]:
     """Every session of a Slurm job: its files read from the shared directory, merged with Slurm's state."""
-    from .hostfile import parse_host
-
-    info = job_info(str(rec["slurm_job"]))
+    info = launch_state(rec)
     here = parse_host("localhost", "slurm")
     try:
         out = subprocess.run(["bash", "-s"], input=survey.payload(here, rec["job"], rec["logdir"]),
@@ -386,9 +551,38 @@ def survey_job(rec: dict[str, Any]) -> list[SessionState]:
             ENDED_STATES.get(info.state, "lost")
         states = [SessionState(rec["job"], rec.get("mode", "gpus"), "(slurm)", f"{rec['job']} (slurm job "
                                f"{rec['slurm_job']})", None, None, state, launched=launched,
-                               last_line=f"{info.state} ({info.reason})" if info.reason not in ("", "None")
-                               else info.state, backend=BACKEND, slurm_job=str(rec["slurm_job"]))]
+                               last_line=why_waiting(info), backend=BACKEND, slurm_job=str(rec["slurm_job"]))]
     return states
+
+
+# Why Slurm keeps a job waiting (squeue's REASON), in words, saying where waiting alone will not help.
+REASONS: dict[str, str] = {
+    "Resources": "the nodes it needs are busy",
+    "Priority": "jobs of higher priority go first",
+    "BeginTime": "its --begin time has not come",
+    "Dependency": "it waits for another job",
+    "DependencyNeverSatisfied": "a job it depends on failed: it will never start (fab stop cancels it)",
+    "PartitionNodeLimit": ("more nodes than its partition allows or has up: it starts only if nodes come back "
+                           "or the limit changes"),
+    "PartitionTimeLimit": "its --time is over the partition's limit: it will not start",
+    "PartitionDown": "its partition is down",
+    "PartitionInactive": "its partition is inactive",
+    "ReqNodeNotAvail": "a node it needs is down, drained or reserved",
+    "NodeDown": "a node it needs is down",
+    "BadConstraints": "no node meets its constraints: it will not start",
+    "InvalidAccount": "its account is not valid: it will not start",
+    "InvalidQOS": "its QOS is not valid: it will not start",
+    "JobHeldUser": "held by its user (scontrol release JOBID)",
+    "JobHeldAdmin": "held by an administrator",
+}
+
+
+def why_waiting(info: JobInfo) -> str:
+    """`PENDING (Resources: the nodes it needs are busy)`: Slurm's state and reason, with what the reason means."""
+    if info.reason in ("", "None"):
+        return info.state
+    said = REASONS.get(info.reason.split(",")[0])
+    return f"{info.state} ({info.reason}{': ' + said if said else ''})"
 
 
 def slurm_records() -> list[dict[str, Any]]:
@@ -405,62 +599,173 @@ def stop(rec: dict[str, Any], grace: float, on_progress: Callable[[str, str], An
     Returns what was done: how each session ended (from its exit record) and whether Slurm still
     has the job. Nothing but this job id is ever named to scancel.
     """
-    job_id = str(rec["slurm_job"])
-    info = job_info(job_id)
+    info = launch_state(rec)
     if info.ended:
         return {"result": "nothing to stop", "state": info.state or "gone", "phases": []}
+    target = info.job_id  # the batch job, or inside an allocation only this launch's step: never the allocation
     phases: list[tuple[str, float]] = []  # each signal phase and when it began (for how each rank ended)
 
     def tell(text: str) -> None:
         if on_progress:
-            on_progress(f"slurm job {job_id}", text)
+            on_progress(f"slurm {'step' if '.' in target else 'job'} {target}", text)
 
     if info.waiting:
-        run(["scancel", job_id])
-        tell("pending: cancelled")
+        if rec.get("step_name"):
+            _kill_driver(rec)
+            tell("step not started: its srun stopped")
+        else:
+            run(["scancel", target])
+            tell("pending: cancelled")
         phases.append(("cancel", time.time()))
     else:
         for sig, wait_s in (("INT", grace), ("TERM", 3.0)):
             phases.append((sig, time.time()))
-            run(["scancel", f"--signal={sig}", job_id])
+            _scancel(rec, f"--signal={sig}", target)
             tell(f"SIG{sig} to every task")
-            if _wait_end(job_id, wait_s):
+            if _wait_end(rec, wait_s):
                 break
         else:
             phases.append(("KILL", time.time()))
-            if not job_info(job_id).ended:
-                _sweep(rec)
+            if not launch_state(rec).ended:
+                _sweep(rec, info.nodelist)
                 tell("SIGKILL to every process of the job on its nodes")
-            run(["scancel", job_id])
-            tell("scancel (SIGKILL after the cluster's KillWait)")
-    gone = _wait_end(job_id, 60.0)
-    info = job_info(job_id)
-    return {"result": "stopped" if gone else f"slurm job {job_id} still {info.state}", "state": info.state or "gone",
+            if not launch_state(rec).ended:
+                _scancel(rec, target)
+                tell("scancel (SIGKILL after the cluster's KillWait)")
+    gone = _wait_end(rec, 60.0)
+    if rec.get("step_name") and job_info(str(rec["slurm_job"])).state == "RUNNING":
+        # The allocation lives on, and so would what a rank left behind outside Slurm's tracking.
+        _sweep(rec, info.nodelist or job_info(str(rec["slurm_job"])).nodelist)
+    info = launch_state(rec)
+    return {"result": "stopped" if gone else f"slurm job {target} still {info.state}", "state": info.state or "gone",
             "phases": phases}
 
 
-def _sweep(rec: dict[str, Any]) -> None:
+def _scancel(rec: dict[str, Any], *args: str) -> None:
+    """scancel, where a job or step that ended or is completing meanwhile ("Invalid job id") is no failure."""
+    try:
+        run(["scancel", *args])
+    except SlurmError:
+        info = launch_state(rec)
+        if not (info.ended or info.state == "COMPLETING"):  # a completing job is no longer Slurm's to signal
+            raise
+
+
+def _kill_driver(rec: dict[str, Any]) -> None:
+    """SIGTERM the process group of a launch's driver (and the srun waiting in it), if it is still ours."""
+    if _driver_alive(rec):
+        with contextlib.suppress(OSError):
+            os.killpg(int(rec["driver_pid"]), signal.SIGTERM)
+
+
+def _sweep(rec: dict[str, Any], nodelist: str) -> None:
     """SIGKILL every process carrying the job's marker on each of its nodes, through a step of the job itself.
 
     Slurm tracks a task's processes by their parents: a child that called setsid and outlived its
     rank is reparented to init and out of Slurm's reach, yet holds the rank's output open. The marker
     every process of the job inherits finds it, as `fab stop` does over ssh; nothing else is touched.
     """
-    marker = f"{TAG_VAR}={rec['job']}@[A-Za-z0-9_.-]+"
-    sweep = (f"for p in $(grep -lszx -E -- {sh(marker)} /proc/[0-9]*/environ 2>/dev/null "
-             "| sed -n 's#^/proc/\\([0-9]*\\)/environ$#\\1#p'); do "
-             '[ "$p" = "$$" ] || kill -KILL "$p" 2>/dev/null; done; true')
-    nodes = str(rec.get("nodes") or 1)
+    sweep = sweep_command(f"{TAG_VAR}={re.escape(rec['job'])}@[A-Za-z0-9_.-]+")
+    names = _expand(nodelist)
+    where = [f"--nodes={len(names)}", f"--nodelist={nodelist}"] if names else [f"--nodes={rec.get('nodes') or 1}"]
     # The job may have ended meanwhile, or the cluster forbid steps from outside: scancel follows either way.
     with contextlib.suppress(SlurmError):
-        run(["srun", f"--jobid={rec['slurm_job']}", "--overlap", f"--nodes={nodes}", "--ntasks-per-node=1",
-             "bash", "-c", sweep], deadline=COMMAND_DEADLINE)
+        run(["srun", f"--jobid={rec['slurm_job']}", "--overlap", "--job-name=fablaunch-sweep", *where,
+             "--ntasks-per-node=1", *sweep],
+            deadline=COMMAND_DEADLINE)
 
 
-def _wait_end(job_id: str, seconds: float) -> bool:
+def sweep_command(marker: str) -> list[str]:
+    """argv that SIGKILLs every process whose environment holds `marker` (a regex of VAR=value), but itself.
+
+    It runs without fablaunch's own markers, so neither it nor the commands of its pipeline match.
+    """
+    script = ("for p in $(grep -lszx -E -- \"$1\" /proc/[0-9]*/environ 2>/dev/null "
+              "| sed -n 's#^/proc/\\([0-9]*\\)/environ$#\\1#p'); do "
+              '[ "$p" = "$$" ] || kill -KILL "$p" 2>/dev/null; done; true')
+    return ["env", "-u", TAG_VAR, "-u", RUN_VAR, "-u", SESSION_VAR, "bash", "-c", script, "sweep", marker]
+
+
+def on_nodes(rec: dict[str, Any], payload_for: Callable[[Host], str],
+             deadline: float = COMMAND_DEADLINE) -> dict[str, Outcome]:
+    """Run a payload on every node of a running job, as one step of the job itself; each node's Outcome.
+
+    `srun --jobid --overlap` reaches the nodes where ssh may not, and shares the job's cgroup and
+    limits. One script goes to every task on stdin; each task runs its own node's payload (a case on
+    SLURMD_NODENAME), and `--label` keeps every line with the task that printed it.
+    """
+    job_id = str(rec["slurm_job"])
+    info = launch_state(rec)
+    if info.state != "RUNNING":
+        raise SlurmError(["srun"], f"slurm job {info.job_id} is {info.state or 'gone'}: no node runs it now")
+    nodes = _expand(info.nodelist) or [info.nodelist]
+    hosts = {n: parse_host(n, f"slurm job {job_id}") for n in nodes}
+    body = [f"printf '{_NODE_MARK}%s\\n' \"$SLURMD_NODENAME\"", 'case "$SLURMD_NODENAME" in']
+    for name, host in hosts.items():
+        body += [f"{sh(name)}) bash -c {sh(payload_for(host))} </dev/null; rc=$? ;;"]
+    body += ["*) rc=127 ;;", "esac", f"printf '\\n{_RC_MARK}%s\\n' \"$rc\" >&2"]
+    # A function is read whole before it runs: nothing in it can read the rest of the script as input.
+    script = "main() {\n" + "\n".join(body) + "\n}\nmain\n"
+    start = time.monotonic()
+    try:
+        done = subprocess.run(["srun", f"--jobid={job_id}", "--overlap", f"--nodes={len(nodes)}",
+                               f"--nodelist={','.join(nodes)}", "--ntasks-per-node=1", "--label", "--input=all",
+                               "--quiet", "bash", "-s"],
+                              input=script, capture_output=True, text=True, errors="replace", timeout=deadline)
+    except FileNotFoundError:
+        raise SlurmError(["srun"], "not found: is this a Slurm login node (PATH, SLURM_CONF)?") from None
+    except subprocess.TimeoutExpired:
+        return {n: Outcome(h, error=f"timed out after {deadline:g}s") for n, h in hosts.items()}
+    seconds = time.monotonic() - start
+    out, err = _by_task(done.stdout), _by_task(done.stderr)
+    node_of = {task: lines[0].removeprefix(_NODE_MARK) for task, lines in out.items()
+               if lines and lines[0].startswith(_NODE_MARK)}
+    outcomes: dict[str, Outcome] = {}
+    for task, name in node_of.items():
+        if name not in hosts:
+            continue
+        errs = err.get(task, [])
+        code = next((as_int(x.removeprefix(_RC_MARK)) for x in reversed(errs) if x.startswith(_RC_MARK)), None)
+        errs = [x for x in errs if not x.startswith(_RC_MARK)]
+        if errs and not errs[-1]:
+            errs.pop()  # the newline printed before the exit code
+        outcomes[name] = Outcome(hosts[name], code, "".join(f"{x}\n" for x in out[task][1:]),
+                                 "".join(f"{x}\n" for x in errs), None if code is not None else
+                                 "the step ended before the payload did", seconds, started=True)
+    said = "; ".join(x for x in done.stderr.splitlines() if not re.match(r"\d+: ", x))[-300:]
+    missing = f"no answer from srun on the node{f': {said}' if said else ''}"
+    return {name: outcomes.get(name) or Outcome(host, error=missing) for name, host in hosts.items()}
+
+
+_NODE_MARK, _RC_MARK = "\x1eFLNODE ", "\x1eFLRC "
+
+
+def _by_task(text: str) -> dict[int, list[str]]:
+    """srun --label's output as each task's lines (`3: text`); lines without a label are srun's own."""
+    found: dict[int, list[str]] = {}
+    for line in text.split("\n"):  # not splitlines(): that also splits at the \x1e our payloads print
+        m = re.match(r" *(\d+): ", line)
+        if m:
+            found.setdefault(int(m.group(1)), []).append(line[m.end():])
+    return found
+
+
+def alive_test(job_id: str) -> str:
+    """A shell test that holds while Slurm still runs (or has yet to run) the job.
+
+    A controller that does not answer counts as alive (following goes on, as `tail -F` would); an
+    empty answer, or a job id it no longer knows, is a job that has ended.
+    """
+    states = "PENDING,CONFIGURING,RUNNING,COMPLETING,SUSPENDED,REQUEUED,RESIZING"
+    return (f"{{ fl_q=$(squeue -h -j {sh(job_id)} -t {states} -o %T 2>&1); fl_rc=$?; "
+            'if [ "$fl_rc" = 0 ]; then [ -n "$fl_q" ]; else case "$fl_q" in *"Invalid job id"*) false ;; '
+            '*) true ;; esac; fi; }')
+
+
+def _wait_end(rec: dict[str, Any], seconds: float) -> bool:
     end = time.monotonic() + seconds
     while True:
-        if job_info(job_id).ended:
+        if launch_state(rec).ended:
             return True
         if time.monotonic() > end:
             return False
@@ -474,8 +779,8 @@ def doctor(p: SlurmPlan) -> list[tuple[str, str, str]]:
     """What would make a Slurm launch of `p` fail or wait: (check, ok / warn / fail, detail) in order.
 
     Slurm reachable; the partition exists and is up; enough nodes idle now (else the job pends); then
-    one short step on as many nodes as the job asks: the interpreter and torch there, and the shared
-    directory writable from each of them.
+    one short step on as many nodes as the job asks: the interpreter, torch and (for a GPU job) NCCL
+    and enough GPUs on each, versions that agree between nodes, and the shared directory writable.
     """
     checks: list[tuple[str, str, str]] = []
     try:
@@ -494,22 +799,53 @@ def doctor(p: SlurmPlan) -> list[tuple[str, str, str]]:
     idle = sum(int(r[2]) for r in rows if r[0].rstrip("*") == name and r[3] in ("idle", "mix") and r[2].isdigit())
     checks.append(("nodes", "ok" if idle >= p.nodes else "warn",
                    f"{idle} idle or mixed, {p.nodes} wanted" + ("" if idle >= p.nodes else ": the job would pend")))
-    probe = (f"d={sh(p.logdir)}; mkdir -p \"$d\" && touch \"$d/.doctor-$SLURMD_NODENAME\" && w=yes || w=no; "
-             f"rm -f \"$d/.doctor-$SLURMD_NODENAME\"; py=$({sh(p.python)} -c 'import platform; "
-             "print(platform.python_version())' 2>/dev/null || echo -); "
-             f"t=$({sh(p.python)} -c 'import torch; print(torch.__version__)' 2>/dev/null || echo -); "
-             'echo "$SLURMD_NODENAME|$py|$t|$w"')
+    gres = run(["sinfo", "-h", "-p", name, "-o", "%G"]).strip()
+    if p.gpus_per_node and "gpu" not in gres:
+        checks.append(("gpus", "warn", f"partition {name} has no GPUs as GRES ({gres or 'none'}): the job cannot "
+                                       "ask Slurm for them, and runs on whatever each node has"))
+    probe = "\n".join([
+        f"n=$SLURMD_NODENAME; d={sh(p.logdir)}",
+        'mkdir -p "$d" && touch "$d/.doctor-$n" && w=yes || w=no; rm -f "$d/.doctor-$n"',
+        f"{{ {sh(p.python)} -c {sh(VERSION_PROBE)} 2>/dev/null || echo python=-; echo writable=$w",
+        "  if command -v nvidia-smi >/dev/null 2>&1; then echo gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')",
+        "  else echo gpus=none; fi; } | sed \"s/^/$n|/\"",
+    ])
     try:
         out = run(["srun", "--immediate=20", f"--nodes={p.nodes}", "--ntasks-per-node=1", "--time=1",
-                   *([f"--partition={partition}"] if partition else []), "bash", "-c", probe], deadline=60)
+                   *([f"--partition={partition}"] if partition else []), "bash", "-c", probe], deadline=150)
     except SlurmError as exc:
         return [*checks, ("on the nodes", "warn", f"no step could run now: {exc.message}")]
-    seen = [line.split("|") for line in out.splitlines() if line.count("|") == 3]
-    for node, py, torch, writable in seen:
-        bad = [what for what, broken in (("no interpreter", py == "-"), ("no torch", torch == "-"),
-                                         (f"cannot write {p.logdir}", writable != "yes")) if broken]
-        checks.append((f"node {node}", "fail" if bad else "ok",
-                       "; ".join(bad) if bad else f"python {py}, torch {torch}, {p.logdir} writable"))
-    if len({(py, torch) for _, py, torch, _ in seen}) > 1:
-        checks.append(("versions", "fail", "python or torch differ between nodes"))
+    found: dict[str, dict[str, str]] = {}
+    for line in out.splitlines():
+        node, _, field = line.partition("|")
+        key, _, value = field.partition("=")
+        found.setdefault(node, {})[key] = value.strip()
+    for node, f in found.items():
+        checks.append((f"node {node}", *_node_verdict(p, f)))
+    for key, how in (("torch", "fail"), ("nccl", "fail"), ("python", "warn")):
+        values = {f.get(key, "") for f in found.values()}
+        if len(values) > 1:
+            checks.append((f"{key} versions", how, f"{key} differs between nodes: {', '.join(sorted(values))}"))
     return checks
+
+
+def _node_verdict(p: SlurmPlan, f: dict[str, str]) -> tuple[str, str]:
+    """(ok / fail, detail) for one node's probe: interpreter, torch, NCCL and GPUs as the job needs them."""
+    bad = []
+    if f.get("python", "-") == "-":
+        bad.append(f"no interpreter {p.python}")
+    elif "torch" not in f:
+        bad.append(f"no torch ({f.get('torch_error', 'import failed')})")
+    gpus = f.get("gpus", "none")
+    if p.gpus_per_node:
+        have = int(gpus) if gpus.isdigit() else 0
+        if have < p.gpus_per_node:
+            bad.append("no nvidia-smi (no GPU)" if gpus == "none" else f"{have} GPUs, {p.gpus_per_node} wanted")
+        if "torch" in f and not f.get("nccl"):
+            bad.append("torch has no NCCL")
+    if f.get("writable") != "yes":
+        bad.append(f"cannot write {p.logdir}")
+    if bad:
+        return "fail", "; ".join(bad)
+    return "ok", (f"python {f['python']}, torch {f['torch']}" + (f", NCCL {f['nccl']}" if f.get("nccl") else "")
+                  + (f", {gpus} GPUs" if gpus.isdigit() else ", no GPU") + f", {p.logdir} writable")

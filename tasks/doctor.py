@@ -32,7 +32,7 @@ from fablaunch.executor import REMOTE_SHELL, Executor, Outcome
 from fablaunch.hostfile import Host
 from fablaunch.launcher import make_plan
 from fablaunch.plan import Plan
-from fablaunch.scripts import job_exists, port_in_use, python_found, sh
+from fablaunch.scripts import VERSION_PROBE, job_exists, port_in_use, python_found, sh
 from fablaunch.spec import DEFAULT_PORT, JobSpec, build_spec, default_python, read_spec
 
 from .flags import int_flag, parallel_flag, task, usage_errors
@@ -60,28 +60,6 @@ PROBE_SECONDS = 120  # importing torch from a cold NFS can take long; a hung imp
 CONNECT_SECONDS = 5
 LISTEN_SECONDS = 60  # the listener ends by itself after this, whatever happens to doctor
 PY_SPY_HINT = "pip install py-spy (fab dump needs it)"
-
-# Prints python/torch/cuda/nccl versions as key=value lines; a torch that fails to import is a
-# finding, not a crash. Runs under the job's interpreter, in the job's working directory.
-PYTHON_PROBE = """\
-import platform
-print("python=" + platform.python_version())
-try:
-    import torch
-except Exception as e:
-    print("torch_error=%s: %s" % (type(e).__name__, (str(e).splitlines() or [""])[0]))
-else:
-    print("torch=" + torch.__version__)
-    print("cuda=" + (torch.version.cuda or ""))
-    nccl = ""
-    try:
-        if torch.distributed.is_available() and torch.distributed.is_nccl_available():
-            v = torch.cuda.nccl.version()
-            nccl = ".".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
-    except Exception:
-        pass
-    print("nccl=" + nccl)
-"""
 
 # The temporary listener on the master: binds MASTER_PORT like torch's store, accepts `expect`
 # connections, and ends after `limit` seconds or as soon as its output breaks (doctor gone). argv[1]
@@ -175,7 +153,7 @@ def host_payload(workdir: str, python: str, job: str | None, port: int | None, m
         *STATE_DIR_LINES,
         f"if {python_found(python)}; then",
         f"  say python_path \"$(command -v {py})\"",
-        f"  out=$(cd {wd} 2>/dev/null; bounded {PROBE_SECONDS} {py} -c {sh(PYTHON_PROBE)} 2>&1); rc=$?",
+        f"  out=$(cd {wd} 2>/dev/null; bounded {PROBE_SECONDS} {py} -c {sh(VERSION_PROBE)} 2>&1); rc=$?",
         "  printf '%s\\n' \"$out\" | grep -E '^(python|torch|torch_error|cuda|nccl)='",
         '  say python_rc "$rc"',
         "  [ \"$rc\" = 0 ] || say python_error \"$(printf '%s\\n' \"$out\" | tail -n 1)\"",
@@ -522,7 +500,8 @@ HELP = {
     "parallel": "Hosts contacted at once (default 32).",
     "json": "Print a JSON list, one object per host with each check's status, value and message.",
     "slurm": "Check Slurm instead of ssh hosts: reachable, partition up, idle nodes, and on the nodes the "
-             "interpreter, torch and the shared directory.",
+             "interpreter, torch, NCCL, GPUs and the shared directory.",
+    "gpus_per_node": "With --slurm: GPUs each node must have; checks them (nvidia-smi) and that torch has NCCL.",
     "nodes": "With --slurm: how many nodes a launch would ask for (default 1).",
     "partition": "With --slurm: the partition to check (default: the cluster's default).",
     "logdir": "With --slurm: the shared directory to check (default .fablaunch/slurm here).",
@@ -652,7 +631,7 @@ def report(results: Mapping[str, Mapping[str, Check]], plan: Plan) -> None:
 @task(name="doctor", help=HELP)
 @usage_errors
 def doctor_(c, gpus=None, hosts=None, spec=None, python=None, workdir=None, port=None, master_addr=None, job=None,
-           parallel=None, json_=False, slurm=False, nodes=None, partition=None, logdir=None):
+           parallel=None, json_=False, slurm=False, nodes=None, partition=None, logdir=None, gpus_per_node=None):
     """Check every host for what would make a launch fail or a job hang; exit 1 if anything would.
 
     Per host, in parallel: ssh (connect time), tmux, working directory and free disk, ~/.fablaunch
@@ -663,9 +642,9 @@ def doctor_(c, gpus=None, hosts=None, spec=None, python=None, workdir=None, port
     Warnings (yellow) exit 0.
     """
     if slurm:
-        return _doctor_slurm(spec, python, job, nodes, partition, logdir, json_)
-    if nodes is not None or partition is not None or logdir is not None:
-        raise UsageError("--nodes/--partition/--logdir", "these check a Slurm cluster: add --slurm")
+        return _doctor_slurm(spec, python, job, nodes, partition, logdir, gpus_per_node, json_)
+    if nodes is not None or partition is not None or logdir is not None or gpus_per_node is not None:
+        raise UsageError("--nodes/--partition/--logdir/--gpus-per-node", "these check a Slurm cluster: add --slurm")
     plan, interpreter, job_spec = _targets(c, gpus, hosts, spec, name=job, python=python, workdir=workdir,
                                            port=int_flag(port, "--port"), master_addr=master_addr,
                                            parallel=parallel_flag(parallel) if parallel is not None else None)
@@ -684,11 +663,13 @@ def doctor_(c, gpus=None, hosts=None, spec=None, python=None, workdir=None, port
 
 
 def _doctor_slurm(spec: str | None, python: str | None, job: str | None, nodes: str | None, partition: str | None,
-                  logdir: str | None, as_json: bool) -> None:
-    """`doctor --slurm`: Slurm, the partition, idle nodes, and the interpreter, torch and shared directory on them."""
+                  logdir: str | None, gpus_per_node: str | None, as_json: bool) -> None:
+    """`doctor --slurm`: Slurm, the partition, idle nodes, and on the nodes the interpreter, torch, NCCL, GPUs
+    and the shared directory."""
     from fablaunch import slurm
 
-    opts = {k: v for k, v in (("nodes", nodes), ("partition", partition), ("logdir", logdir)) if v is not None}
+    opts = {k: v for k, v in (("nodes", nodes), ("partition", partition), ("logdir", logdir),
+                              ("gpus_per_node", gpus_per_node)) if v is not None}
     p = slurm.plan(build_spec(spec, ["doctor.py"], python=python, name=job, slurm=opts or None), "gpus")
     checks = slurm.doctor(p)
     if as_json:

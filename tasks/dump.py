@@ -25,9 +25,9 @@ from typing import Any
 from invoke import Exit
 
 from fablaunch import ui
-from fablaunch.executor import REMOTE_SHELL, Executor
+from fablaunch.executor import Executor
 from fablaunch.hostfile import Host
-from fablaunch.jobs import latest_job, targets
+from fablaunch.jobs import backends, latest_job, targets
 from fablaunch.scripts import sh, tagged_pids
 from fablaunch.survey import SEP, as_int, sections
 
@@ -271,17 +271,19 @@ def hint(proc: Proc) -> str:
 
 
 def collect(ex: Executor, hosts: list[Host], job: str, ranks: list[int], locals_: bool) -> list[HostDump]:
-    """Ask every host in parallel; an unreachable host is a HostDump with only a problem."""
-    outcomes = ex.run({h: (REMOTE_SHELL, payload(job, h, ranks, locals_)) for h in hosts})
+    """Ask every host (a Slurm job: every node, through a step of the job) in parallel.
+
+    A host that could not be asked is a HostDump with only a problem.
+    """
     found = []
-    for host in hosts:
-        o = outcomes[host.spec]
-        if not o.reached:
-            found.append(HostDump(host.spec, problem=f"unreachable: {o.why()}"))
-        elif not o.ok:
-            found.append(HostDump(host.spec, problem=f"could not list processes: {o.why()}"))
-        else:
-            found.append(parse(host.spec, o.stdout))
+    for backend in backends(ex, hosts, job):
+        for spec, o in backend.on_nodes(lambda h: payload(job, h, ranks, locals_)).items():
+            if not o.reached:  # unreachable, timed out, or a Slurm job that no node runs now
+                found.append(HostDump(spec, problem=o.why()))
+            elif not o.ok:
+                found.append(HostDump(spec, problem=f"could not list processes: {o.why()}"))
+            else:
+                found.append(parse(spec, o.stdout))
     return found
 
 
@@ -337,7 +339,7 @@ def dump_(c, job=None, rank=None, locals_=False, json_=False, hosts=None, gpus=N
     with Executor(c.config, parallel_flag(parallel), deadline=60) as ex:
         name = job or latest_job(ex, host_list)
         dumps = collect(ex, host_list, name, wanted, locals_)
-    order = [h.spec for h in host_list]
+    order = list(dict.fromkeys([h.spec for h in host_list] + [d.host for d in dumps]))  # Slurm: its nodes
     procs = [p for d in dumps for p in d.procs]
     folds = fold([p for p in procs if p.exit_code is not None], order)
     if json_:

@@ -43,7 +43,8 @@ COMMON_HELP = {
     "follow": "After launching, stream every rank's output like `fab logs --follow`.",
     "slurm": "Run the job on Slurm instead of over ssh: sbatch a batch script (or, inside an allocation, srun "
              "it there); the Slurm flags below and the spec's `slurm:` section shape it.",
-    "nodes": "With --slurm: how many nodes to run on (default: as many as the nodelist names, else 1).",
+    "nodes": "With --slurm: how many nodes to run on (default: as many as the nodelist names, else 1; inside "
+             "an allocation, all of its nodes).",
     "gpus_per_node": "With --slurm: GPUs per node; launch-gpus runs one task (rank) per GPU, launch-torchrun "
                      "that many workers (asked of Slurm as GRES where the partition has GPUs).",
     "partition": "With --slurm: the Slurm partition to run in.",
@@ -155,7 +156,7 @@ def launch_slurm(c: Any, mode: str, spec: JobSpec, dry: bool, wait: bool, follow
     from fablaunch import slurm
 
     try:
-        p = slurm.plan(spec, mode)
+        p = slurm.plan(spec, mode, slurm.allocation())
         if dry:
             files = slurm.submit(p, dry=True)
             if as_json:
@@ -163,9 +164,13 @@ def launch_slurm(c: Any, mode: str, spec: JobSpec, dry: bool, wait: bool, follow
                 return
             ui.say(f"Dry run of job {p.job} on Slurm ({mode}, {ui.plural(p.nodes, 'node')} x "
                    f"{ui.plural(p.tasks_per_node, 'task')}); nothing is written or submitted.")
-            ui.show_text(f"{p.dir}/job.sbatch (mode 0600; sbatch --parsable "
-                         f"{' '.join(p.sbatch_args) + ' ' if p.sbatch_args else ''}{p.dir}/job.sbatch)",
-                         files["script"])
+            if p.allocation:
+                ui.show_text(f"{p.dir}/step.sh (mode 0600; run here, detached: a step of allocation {p.allocation})",
+                             files["script"])
+            else:
+                ui.show_text(f"{p.dir}/job.sbatch (mode 0600; sbatch --parsable "
+                             f"{' '.join(p.sbatch_args) + ' ' if p.sbatch_args else ''}{p.dir}/job.sbatch)",
+                             files["script"])
             ui.show_text(f"{p.dir}/task.sh (each task)", files["task"])
             ui.show_text(f"{p.dir}/env.sh (mode 0600, secrets masked)", files["env"])
             return
@@ -177,9 +182,13 @@ def launch_slurm(c: Any, mode: str, spec: JobSpec, dry: bool, wait: bool, follow
         raise Exit(f"fablaunch: {exc}", code=exc.code) from None
     launched = {"job": p.job, "mode": mode, "backend": "slurm", "slurm_job": rec["slurm_job"], "dir": p.dir,
                 "nodes": p.nodes, "tasks_per_node": p.tasks_per_node}
+    if rec.get("step_name"):
+        launched["step"] = rec["step_name"]
     if not as_json:
-        ui.say(f"Submitted job {p.job} to Slurm as job {rec['slurm_job']} ({ui.plural(p.nodes, 'node')} x "
-               f"{ui.plural(p.tasks_per_node, 'task')}); files in {p.dir}")
+        shape = f"{ui.plural(p.nodes, 'node')} x {ui.plural(p.tasks_per_node, 'task')}"
+        ui.say(f"Started job {p.job} as step {rec['step_name']} of Slurm allocation {rec['slurm_job']} ({shape}); "
+               f"files in {p.dir}" if rec.get("step_name") else
+               f"Submitted job {p.job} to Slurm as job {rec['slurm_job']} ({shape}); files in {p.dir}")
     _after_launch(c, p.job, [], spec.parallel, launched, wait, follow, as_json)
 
 

@@ -11,7 +11,10 @@ the flagging rules are unit-tested without hosts.
 from __future__ import annotations
 
 import contextlib
+import functools
+import glob
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,9 +24,9 @@ from invoke import Exit
 
 from fablaunch import survey, ui
 from fablaunch.errors import UsageError
-from fablaunch.executor import REMOTE_SHELL, Executor, Outcome
+from fablaunch.executor import Executor
 from fablaunch.hostfile import Host
-from fablaunch.jobs import targets
+from fablaunch.jobs import SshBackend, backends, targets
 from fablaunch.plan import JOBS_DIR, RemotePath
 from fablaunch.scripts import sh
 from fablaunch.survey import SessionState
@@ -388,26 +391,46 @@ class Snapshot:
 
 
 def sample(ex: Executor, hosts: list[Host], job: str | None, stall: float) -> Snapshot:
-    """One round trip to every host (in parallel, over the executor's open connections)."""
-    outcomes: dict[str, Outcome] = ex.run({h: (REMOTE_SHELL, payload(h, job)) for h in hosts})
+    """One round trip to every host (in parallel, over the executor's open connections).
+
+    A Slurm job's nodes are asked through a step of the job (`srun --overlap`); its sessions' states
+    and torchrun workers' logs are read from the directory its nodes share, here.
+    """
     snap = Snapshot(time.time(), [], job)
     ages: dict[str, dict[str, float]] = {}
-    for host in hosts:
-        o = outcomes[host.spec]
-        if not o.reached:
-            snap.samples.append(HostSample(host.spec, UNREACHABLE, o.why().removeprefix("unreachable: ")))
-            continue
-        if o.exit_code != 0 and SEP not in o.stdout:
-            snap.samples.append(HostSample(host.spec, SMI_FAILED, o.why()))
-            continue
-        snap.samples.append(parse_sample(host.spec, o.stdout))
-        if job:
-            snap.states += [s for s in survey.parse(host, o.stdout) if s.job == job]
-            ages[host.spec] = worker_log_ages(o.stdout)
+    for backend in backends(ex, hosts, job) if job else [SshBackend(ex, hosts)]:
+        over_ssh = backend.name == "ssh"
+        outcomes = backend.on_nodes(functools.partial(payload, job=job if over_ssh else None))
+        for spec, o in outcomes.items():
+            if not o.reached:
+                snap.samples.append(HostSample(spec, UNREACHABLE, o.why().removeprefix("unreachable: ")))
+                continue
+            if o.exit_code != 0 and SEP not in o.stdout:
+                snap.samples.append(HostSample(spec, SMI_FAILED, o.why()))
+                continue
+            snap.samples.append(parse_sample(spec, o.stdout))
+            if job and over_ssh:
+                snap.states += [s for s in survey.parse(o.host, o.stdout) if s.job == job]
+                ages[spec] = worker_log_ages(o.stdout)
+        if job and not over_ssh:
+            snap.states += [s for s in backend.survey(job).states if s.job == job]
+            local = local_log_ages([s.log for s in snap.states if s.mode == "torchrun" and s.log])
+            ages.update({s.host: local for s in snap.states})
     if job:
         snap.states.sort(key=lambda s: (s.rank if s.rank is not None else -1, s.node if s.node is not None else -1))
         snap.flagged = flag(snap.states, {s.host: s for s in snap.samples}, stall, ages)
     return snap
+
+
+def local_log_ages(logs: list[str]) -> dict[str, float]:
+    """Seconds since each torchrun worker log of these nodes was written, read here (a shared directory)."""
+    now = time.time()
+    ages: dict[str, float] = {}
+    for log in logs:
+        for path in glob.glob(glob.escape(log.removesuffix(".log")) + ".torchrun/*/attempt_*/*/std*.log"):
+            with contextlib.suppress(OSError):
+                ages[path] = max(0.0, now - os.stat(path).st_mtime)
+    return ages
 
 
 # --- rendering ------------------------------------------------------------------------------------------------------

@@ -6,14 +6,19 @@ nodes. Every outcome is checked through the files the ranks wrote, Slurm's own c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import socket
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fablaunch.spec import JobSpec
 from tests.conftest import FAB, PAYLOADS, REPO, alive, tagged_pids, wait_until
 from tests.slurm_cluster import SlurmCluster
 
@@ -143,8 +148,182 @@ def test_stop_signals_every_task_and_leaves_no_process(sfab: SlurmFab) -> None:
     assert again.returncode == 0 and "Nothing to stop" in again.stdout, said(again)
 
 
+def _idle_gpu_on_every_node(sfab: SlurmFab) -> None:
+    """A stand-in nvidia-smi on the PATH every step inherits: one GPU per node at idle power (11 %)."""
+    bin_dir = sfab.cwd / "bin"
+    bin_dir.mkdir()
+    shutil.copy(PAYLOADS / "fake_nvidia_smi.py", bin_dir / "nvidia-smi")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    figures = {"gpus": [{"index": 0, "uuid": "GPU-0", "utilization.gpu": 100, "power.draw": "77.00",
+                         "power.limit": "700.00", "memory.used": 1024, "memory.total": 81920}], "apps": []}
+    (sfab.cwd / "smi.json").write_text(json.dumps(figures))
+    sfab.env.update(PATH=f"{bin_dir}:{sfab.env['PATH']}", FAKE_NVIDIA_SMI=str(sfab.cwd / "smi.json"))
+
+
+def _running(sfab: SlurmFab, job: str, count: int, text: str) -> None:
+    def started() -> bool:
+        states = json.loads(sfab("status", "--job", job, "--json").stdout or "[]")
+        return len(states) == count and all(s["state"] == "running" and text in s["last_line"] for s in states)
+
+    wait_until(started, timeout=90, interval=1)
+
+
+def test_top_and_dump_ask_the_jobs_nodes_through_a_step_of_the_job(sfab: SlurmFab) -> None:
+    job = "sl-top"
+    _idle_gpu_on_every_node(sfab)
+    result = sfab("launch-gpus", "--slurm", "--job", job, "--nodes", "3", "--gpus-per-node", "2",
+                  "--", str(PAYLOADS / "sleeper.py"))
+    assert result.returncode == 0, said(result)
+    _running(sfab, job, 6, "sleeps")
+
+    top = sfab("top", "--json", "--job", job, "--stall", "1000")
+    assert top.returncode == 0, said(top)
+    data = json.loads(top.stdout)
+    assert [(h["host"], h["status"], h["totals"]["power_pct"]) for h in data["hosts"]] == \
+        [("node1", "ok", 11.0), ("node2", "ok", 11.0), ("node3", "ok", 11.0)]
+    assert data["sessions"] == {"running": 6}
+    assert sorted((f["rank"], f["host"]) for f in data["flagged"]) == [(r, f"node{r // 2 + 1}") for r in range(6)]
+    assert all(f["reasons"] == ["GPU 0 at 11% of power limit (near idle)"] for f in data["flagged"])
+
+    dumped = sfab("dump", "--json", "--job", job)
+    assert dumped.returncode == 0, said(dumped)
+    [group] = json.loads(dumped.stdout)["groups"]
+    assert group["ranks"] == [0, 1, 2, 3, 4, 5] and group["hosts"] == ["node1", "node2", "node3"]
+    assert "very_distinctive_sleeper_fn" in group["stack"]
+    one = sfab("dump", "--job", job, "--rank", "4")
+    assert one.returncode == 0 and "rank 4 (node3, pid" in one.stdout, said(one)
+
+    assert sfab("stop", "--job", job).returncode == 0
+    late = sfab("dump", "--job", job)
+    assert late.returncode == 1 and "no node runs it now" in late.stderr, said(late)
+
+
+def test_top_judges_a_torchrun_node_by_its_workers_logs_in_the_shared_directory(sfab: SlurmFab) -> None:
+    job = "sl-top-tr"
+    _idle_gpu_on_every_node(sfab)
+    result = sfab("launch-torchrun", "--slurm", "--job", job, "--nodes", "2", "--nproc-per-node", "2",
+                  "--", str(PAYLOADS / "sleeper.py"))
+    assert result.returncode == 0, said(result)
+
+    def workers_sleep() -> bool:
+        logs = [p.read_text() for p in sfab.files(job).glob("node*/node-*.torchrun/*/attempt_*/*/stdout.log")]
+        return sum("sleeps" in text for text in logs) == 4
+
+    wait_until(workers_sleep, timeout=120, interval=0.5)
+
+    def silent() -> list[dict[str, Any]] | None:
+        top = sfab("top", "--json", "--job", job, "--stall", "1")
+        flagged = json.loads(top.stdout)["flagged"] if top.returncode == 0 else []
+        return flagged if len(flagged) == 2 and all(len(f["reasons"]) == 2 for f in flagged) else None
+
+    flagged = wait_until(silent, timeout=60, interval=1)
+    assert isinstance(flagged, list)
+    assert [(f["host"], f["node"]) for f in flagged] == [("node1", 0), ("node2", 1)]
+    for f in flagged:
+        assert f["reasons"][0].startswith("worker ") and " log silent for " in f["reasons"][0], f
+        assert f["reasons"][1] == "GPU 0 at 11% of power limit (near idle)"
+    assert sfab("stop", "--job", job).returncode == 0
+
+
+def test_follow_waits_for_a_pending_job_and_ends_with_it(sfab: SlurmFab) -> None:
+    job = "sl-follow"
+    result = sfab("launch-gpus", "--slurm", "--job", job, "--nodes", "2", "--sbatch-arg=--begin=now+4",
+                  "--env", "DELAY_1=2", "--follow", "--", str(PAYLOADS / "behave.py"), "0=exit:0", "1=exit:3")
+    assert result.returncode == 3, said(result)
+    assert f"job {job} has not started yet (PENDING (BeginTime: its --begin time has not come))" in result.stderr
+    assert "[node1 rank 0] rank 0 on node1 does exit 0" in result.stdout
+    assert "[node2 rank 1] rank 1 on node2 does exit 3" in result.stdout
+    assert "first failure: rank 1 on node2 (exit 3)" in " ".join(result.stdout.split())
+    again = sfab("logs", "--job", job, "--follow", timeout=60)  # an ended job: its logs, then the end
+    assert again.returncode == 0 and "rank 1 on node2 does exit 3" in again.stdout, said(again)
+    left = subprocess.run(["pgrep", "-f", f"tail -n .* -F {sfab.files(job)}"], capture_output=True, text=True)
+    assert left.stdout == "", "a tail of the job's logs was left running"
+
+
+def test_inside_an_allocation_the_job_is_a_step_of_it_and_stop_touches_only_that_step(sfab: SlurmFab) -> None:
+    granted = subprocess.run(["salloc", "-N3", "--exclusive", "--no-shell"], env=sfab.env, capture_output=True,
+                             text=True, timeout=60)
+    alloc = granted.stderr.split("Granted job allocation ")[1].split()[0]
+    users = subprocess.Popen(["srun", f"--jobid={alloc}", "--overlap", "--job-name=users-own", "-N3",
+                              "--ntasks-per-node=1", "sleep", "600"], env=sfab.env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    sfab.env["SLURM_JOB_ID"] = alloc
+
+    def steps() -> list[str]:
+        return sfab.slurm_cmd("squeue", "-h", "-s", "-j", alloc, "-o", "%j").split()
+
+    try:
+        wait_until(lambda: "users-own" in steps(), timeout=30)
+        job = "sl-alloc"
+        result = sfab("launch-gpus", "--slurm", "--job", job, "--nodes", "2", "--gpus-per-node", "2", "--wait",
+                      "--", str(PAYLOADS / "probe.py"), "x y")
+        assert result.returncode == 0, said(result)
+        assert f"as step fablaunch-{job}-" in result.stdout and f"of Slurm allocation {alloc}" in result.stdout
+        seen = {int(p.stem): json.loads(p.read_text()) for p in (sfab.cwd / "out").glob("*.json")}
+        assert sorted(seen) == [0, 1, 2, 3]
+        assert all(d["sum"] == 10.0 and d["world"] == 4 and d["argv"] == ["x y"] for d in seen.values())
+        assert sorted(d["env"]["FABLAUNCH_HOST"] for d in seen.values()) == ["node1", "node1", "node2", "node2"]
+        assert not (sfab.files(job) / "job.sbatch").exists() and (sfab.files(job) / "step.sh").exists()
+
+        for flags, named in ((["--partition", "debug"], "--partition"), (["--nodes", "4"], "--nodes")):
+            refused = sfab("launch-gpus", "--slurm", "--job", "sl-alloc-bad", *flags, "--", "x.py")
+            assert refused.returncode == 2 and named in refused.stderr, said(refused)
+        assert not sfab.files("sl-alloc-bad").exists()
+
+        job = "sl-alloc-stop"
+        result = sfab("launch-gpus", "--slurm", "--job", job, "--nodes", "3", "--gpus-per-node", "2",
+                      "--", str(PAYLOADS / "behave.py"), "1=deaf:INT", "*=spawn")
+        assert result.returncode == 0, said(result)
+        _running(sfab, job, 6, "does")
+        pids = tagged_pids(job)
+        stopped = sfab("stop", "--job", job, "--grace", "2")
+        assert stopped.returncode == 0, said(stopped)
+        text = " ".join(stopped.stdout.split())
+        assert "rank 0, rank 2, rank 3, rank 4, rank 5: exited on SIGINT" in text and "rank 1: needed SIGTERM" in text
+        wait_until(lambda: not any(alive(p) for p in pids) and not tagged_pids(job), timeout=30)
+        # The user's own step and the allocation itself are untouched.
+        wait_until(lambda: steps() == ["users-own"], timeout=30)  # fablaunch's own sweep steps end too
+        assert sfab.slurm_cmd("squeue", "-h", "-j", alloc, "-o", "%T").strip() == "RUNNING"
+        assert users.poll() is None
+        again = sfab("stop", "--job", job)
+        assert again.returncode == 0 and "Nothing to stop" in again.stdout, said(again)
+    finally:
+        users.kill()
+        sfab.slurm_cmd("scancel", alloc)
+        sfab.slurm.wait_idle()  # the next test's jobs must not wait for this allocation's nodes
+
+
+def test_a_derived_port_that_is_taken_on_the_first_node_moves_to_a_free_one(sfab: SlurmFab) -> None:
+    job = "sl-port"
+    result = sfab("launch-gpus", "--slurm", "--job", job, "--nodes", "2", "--sbatch-arg=--begin=now+4",
+                  "--", str(PAYLOADS / "probe.py"))
+    assert result.returncode == 0, said(result)
+    job_id = json.loads((sfab.cwd / ".fablaunch" / "records" / f"{job}.json").read_text())["slurm_job"]
+    derived = 20000 + int(job_id) % 20000
+    with socket.socket() as holder:  # another program holds the port on node1 (this machine) before the job starts
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("", derived))
+        holder.listen()
+        waited = sfab("wait", "--job", job)
+    assert waited.returncode == 0, said(waited)
+    seen = [json.loads(p.read_text()) for p in (sfab.cwd / "out").glob("*.json")]
+    assert len(seen) == 2 and {d["env"]["MASTER_PORT"] for d in seen} == {str(derived + 1)}
+
+
+def test_slurms_reasons_for_waiting_are_said_in_words() -> None:
+    from fablaunch.slurm import JobInfo, why_waiting
+
+    assert why_waiting(JobInfo("7", "PENDING", "PartitionTimeLimit")) == \
+        "PENDING (PartitionTimeLimit: its --time is over the partition's limit: it will not start)"
+    assert why_waiting(JobInfo("7", "PENDING", "ReqNodeNotAvail,_UnavailableNodes:node3")).endswith(
+        "node3: a node it needs is down, drained or reserved)")
+    assert why_waiting(JobInfo("7", "PENDING", "SomethingNew")) == "PENDING (SomethingNew)"
+    assert why_waiting(JobInfo("7", "RUNNING", "None")) == "RUNNING"
+
+
 def test_a_pending_job_shows_slurms_reason_and_stop_cancels_it(sfab: SlurmFab) -> None:
     job = "sl-pending"
+    sfab.slurm.wait_idle()  # with a node still busy, Slurm gives Resources as the reason, not BeginTime
     result = sfab("launch-gpus", "--slurm", "--job", job, "--nodes", "2", "--sbatch-arg=--begin=now+1hour",
                   "--", str(PAYLOADS / "sleeper.py"))
     assert result.returncode == 0, said(result)
@@ -162,11 +341,19 @@ def test_dry_run_prints_the_batch_script_and_submits_nothing(sfab: SlurmFab) -> 
     result = sfab("launch-gpus", "--slurm", "--job", "sl-dry", "--nodes", "2", "--partition", "debug",
                   "--time", "0:10:00", "--env", "API_TOKEN=hush", "--dry-run", "--", "train.py")
     assert result.returncode == 0, said(result)
-    for line in ("#SBATCH --nodes=2", "#SBATCH --partition=debug", "#SBATCH --time=0:10:00", "exec srun"):
+    for line in ("#SBATCH --nodes=2", "#SBATCH --partition=debug", "#SBATCH --time=0:10:00",
+                 "srun --kill-on-bad-exit=0"):
         assert line in result.stdout
     assert "hush" not in result.stdout and "API_TOKEN=*****" in result.stdout
     assert not sfab.files("sl-dry").exists()
     assert "sl-dry" not in sfab.slurm_cmd("squeue", "-h", "-o", "%j")
+    # Inside an allocation: the script that starts a step of it, here.
+    sfab.env["SLURM_JOB_ID"] = "999"
+    inside = sfab("launch-gpus", "--slurm", "--job", "sl-dry", "--nodes", "2", "--dry-run", "--", "train.py")
+    assert inside.returncode == 0, said(inside)
+    assert "step.sh (mode 0600; run here, detached: a step of allocation 999)" in inside.stdout
+    assert "--job-name=fablaunch-sl-dry-" in inside.stdout and "#SBATCH" not in inside.stdout
+    assert not sfab.files("sl-dry").exists()
 
 
 @pytest.mark.parametrize(("flags", "named"), [
@@ -217,6 +404,30 @@ def test_doctor_checks_slurm_the_partition_and_each_node(sfab: SlurmFab) -> None
     assert missing.returncode == 1 and "no partition nope" in missing.stdout, said(missing)
     many = json.loads(sfab("doctor", "--slurm", "--nodes", "5", "--json").stdout)
     assert any(c["check"] == "nodes" and c["status"] == "warn" for c in many)
+
+    # A GPU job: every node must have the GPUs (none here: no nvidia-smi) and a torch with NCCL (CPU torch).
+    bare = sfab("doctor", "--slurm", "--nodes", "2", "--gpus-per-node", "1", "--json")
+    assert bare.returncode == 1, said(bare)
+    details = {c["check"]: c["detail"] for c in json.loads(bare.stdout)}
+    assert "no nvidia-smi (no GPU)" in details["node node1"] and "torch has no NCCL" in details["node node2"]
+    _idle_gpu_on_every_node(sfab)
+    two = json.loads(sfab("doctor", "--slurm", "--nodes", "1", "--gpus-per-node", "2", "--json").stdout)
+    assert "1 GPUs, 2 wanted" in {c["check"]: c["detail"] for c in two}["node node1"]
+    gpu_flags_alone = sfab("doctor", "--gpus-per-node", "2")
+    assert gpu_flags_alone.returncode == 2 and "--slurm" in gpu_flags_alone.stderr, said(gpu_flags_alone)
+
+
+def test_a_node_with_the_gpus_and_nccl_passes_and_says_what_it_has() -> None:
+    from fablaunch import slurm
+
+    p = dataclasses.replace(slurm.plan(JobSpec(command=["t.py"], slurm={"gpus_per_node": 8}), "gpus"),
+                            logdir="/shared")
+    fields = {"python": "3.11.7", "torch": "2.13.0", "nccl": "2.27.3", "gpus": "8", "writable": "yes"}
+    assert slurm._node_verdict(p, fields) == \
+        ("ok", "python 3.11.7, torch 2.13.0, NCCL 2.27.3, 8 GPUs, /shared writable")
+    assert slurm._node_verdict(p, {**fields, "gpus": "4"}) == ("fail", "4 GPUs, 8 wanted")
+    assert slurm._node_verdict(p, {"python": "-", "writable": "no"})[1] == \
+        "no interpreter " + p.python + "; no nvidia-smi (no GPU); cannot write /shared"
 
 
 def test_how_a_slurm_task_ended_comes_from_its_signal_else_from_when_it_ended() -> None:

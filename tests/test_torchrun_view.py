@@ -186,7 +186,7 @@ def test_a_rank_pick_reads_only_that_workers_files_and_says_both_numbers(tmp_pat
     state = node(1, [2, 3], host="node1")
     state.log = str(d / "node-1.log")
     [pick] = jobs.select("j", [state], [3], [])
-    out = subprocess.run(["bash", "-c", jobs.logs_payload([pick], 5, False, "j")], capture_output=True, text=True,
+    out = subprocess.run(["bash", "-c", jobs.logs_payload([pick], 5, False)], capture_output=True, text=True,
                          check=True).stdout
     printed: list[str] = []
     printer = jobs.LinePrinter([state], printed.append)
