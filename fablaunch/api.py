@@ -115,7 +115,8 @@ def launch_gpus(command: Iterable[str], *, gpus: str = "gpus", job: str | None =
                 env: Mapping[str, str] | None = None, port: int | None = None, python: str | None = None,
                 workdir: str | None = None, master_addr: str | None = None, parallel: int | None = None,
                 secrets: Iterable[str] | None = None, replace: bool = False, rollback: bool = True,
-                preflight: bool = True, ssh_config: str | None = None) -> Job:
+                preflight: bool = True, ssh_config: str | None = None, env_file: str | None = None,
+                forward_env: Iterable[str] | None = None, no_forward_env: bool = False) -> Job:
     """Start one tmux session per line of the `gpus` file, each a rank with the torchrun environment.
 
     Like `fab launch-gpus`; raises UsageError for bad input (nothing launched) and LaunchError when
@@ -123,7 +124,8 @@ def launch_gpus(command: Iterable[str], *, gpus: str = "gpus", job: str | None =
     """
     return _launch("gpus", command, spec=spec, env=env, secrets=secrets, ssh_config=ssh_config, replace=replace,
                    rollback=rollback, preflight=preflight, gpus=gpus, name=job, port=port, python=python,
-                   workdir=workdir, master_addr=master_addr, parallel=parallel)
+                   workdir=workdir, master_addr=master_addr, parallel=parallel, env_file=env_file,
+                   forward_env=list(forward_env) if forward_env else None, no_forward_env=no_forward_env)
 
 
 def launch_torchrun(command: Iterable[str], *, hosts: str = "hosts", job: str | None = None, spec: str | None = None,
@@ -131,7 +133,8 @@ def launch_torchrun(command: Iterable[str], *, hosts: str = "hosts", job: str | 
                     workdir: str | None = None, master_addr: str | None = None, parallel: int | None = None,
                     nproc_per_node: int | str | None = None, max_restarts: int | None = None,
                     secrets: Iterable[str] | None = None, replace: bool = False, rollback: bool = True,
-                    preflight: bool = True, ssh_config: str | None = None) -> Job:
+                    preflight: bool = True, ssh_config: str | None = None, env_file: str | None = None,
+                    forward_env: Iterable[str] | None = None, no_forward_env: bool = False) -> Job:
     """Start torchrun on every node of the `hosts` file (one tmux session each), meeting at c10d rendezvous.
 
     Like `fab launch-torchrun`; errors as for `launch_gpus`.
@@ -139,7 +142,9 @@ def launch_torchrun(command: Iterable[str], *, hosts: str = "hosts", job: str | 
     return _launch("torchrun", command, spec=spec, env=env, secrets=secrets, ssh_config=ssh_config,
                    replace=replace, rollback=rollback, preflight=preflight, hosts=hosts, name=job, port=port,
                    python=python, workdir=workdir, master_addr=master_addr, parallel=parallel,
-                   nproc_per_node=None if nproc_per_node is None else str(nproc_per_node), max_restarts=max_restarts)
+                   nproc_per_node=None if nproc_per_node is None else str(nproc_per_node), max_restarts=max_restarts,
+                   env_file=env_file, forward_env=list(forward_env) if forward_env else None,
+                   no_forward_env=no_forward_env)
 
 
 def status(job: str | None = None, *, hosts: str | None = None, gpus: str | None = None,

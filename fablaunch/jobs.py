@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from . import records, slurm, survey, tmux, ui
 from .errors import JobNotFound, UsageError
 from .executor import REMOTE_SHELL, Executor, Outcome
-from .hostfile import Host, parse_host, read_gpus, read_hosts
+from .hostfile import Host, gpus_from, hosts_from, parse_host
 from .scripts import kill_payload, sh
 from .spec import check_job_name
 from .survey import SessionState
@@ -29,8 +29,8 @@ from .survey import SessionState
 def targets(job: str | None, hosts: str | None, gpus: str | None) -> list[Host]:
     """The hosts to ask: those of the launch records here, plus those of the host files.
 
-    Explicit files must exist; the default ./hosts and ./gpus are used when present. Without any
-    of these there is nothing to ask, which is a usage error.
+    Explicit files must exist (or be hosts written inline, `node[1-3]`); the default ./hosts and
+    ./gpus are used when present. Without any of these there is nothing to ask, which is a usage error.
     """
     if job is not None:  # `--job ''` (an empty $JOB in a script) must never mean "every job"
         check_job_name(job, "--job")
@@ -39,10 +39,9 @@ def targets(job: str | None, hosts: str | None, gpus: str | None) -> list[Host]:
     for rec in recs:
         for spec in rec.get("hosts", []):
             found.setdefault(spec, parse_host(spec, f"launch record of {rec['job']}"))
-    for given, default, reader in ((hosts, "hosts", read_hosts), (gpus, "gpus", read_gpus)):
-        path = Path(given or default)
-        if given or path.exists():
-            for host in reader(path):
+    for given, default, reader in ((hosts, "hosts", hosts_from), (gpus, "gpus", gpus_from)):
+        if given or Path(default).exists():
+            for host in reader(given or default):
                 found.setdefault(host.spec, host)
     if not found and not any(job is None or r["job"] == job for r in slurm.slurm_records()):
         raise UsageError("--hosts/--gpus", "no host files here and no launch records: name the hosts to ask")
@@ -180,7 +179,17 @@ def take_survey(ex: Executor, hosts: list[Host], job: str | None) -> Survey:
         result = backend.survey(job)
         states += result.states
         unreachable.update(result.unreachable)
-    return Survey(states, unreachable)
+    return Survey(current(states), unreachable)
+
+
+def current(states: list[SessionState]) -> list[SessionState]:
+    """Leave out sessions of an earlier run of a job this project launched again (`fab relaunch`).
+
+    A host a relaunch left out keeps the files of the run before; the launch record here names the
+    run that is the job now, and only its sessions (or sessions of jobs without a record) count.
+    """
+    runs = {r["job"]: str(r.get("run") or "") for r in records.load_all() if r.get("backend") != "slurm"}
+    return [s for s in states if not (s.backend == "ssh" and s.run and runs.get(s.job) and s.run != runs[s.job])]
 
 
 def _ssh_survey(ex: Executor, hosts: list[Host], job: str | None) -> Survey:

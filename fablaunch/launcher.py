@@ -11,6 +11,7 @@ the `fab` tasks and the Python API alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import secrets
 import signal
@@ -21,12 +22,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import records, tmux, ui
+from . import blocklist, records, tmux, ui
 from .errors import LaunchError
 from .executor import REMOTE_SHELL, Executor, Held, Outcome
-from .hostfile import Host, read_gpus, read_hosts
+from .hostfile import Host, gpus_from, hosts_from
 from .plan import Plan, plan_gpus, plan_torchrun
 from .scripts import EXISTS_CODE, kill_payload, launch_payload, preflight_payload
+from .selection import Selection, pin_devices, select
 from .spec import JobSpec, check_job_name, default_job_name, default_python, default_workdir
 
 
@@ -48,13 +50,20 @@ def make_plan(config: Any, mode: str, spec: JobSpec, job: str | None = None) -> 
 
     `job` overrides the spec's (checked) name or the default one, for callers that only plan.
     """
-    hostfile = spec.gpus if mode == "gpus" else spec.hosts
-    hosts = read_gpus(Path(hostfile)) if mode == "gpus" else read_hosts(Path(hostfile))
+    hosts = gpus_from(spec.gpus) if mode == "gpus" else hosts_from(spec.hosts)
+    # The selection (--include/--exclude/--num-*) is applied before planning, so ranks, WORLD_SIZE and
+    # MASTER_ADDR are those of the hosts that remain, as if the file listed only them.
+    world = select(mode, hosts, Selection.of(spec), spec.nproc_per_node)
+    # After the selection, so --exclude/--include may still name a blocked host.
+    world = dataclasses.replace(world, hosts=blocklist.skip(world.hosts))
+    if world.nproc_per_node != spec.nproc_per_node:  # a number became each node's slots
+        spec = dataclasses.replace(spec, nproc_per_node=world.nproc_per_node)
     if job is None:
         job = check_job_name(spec.name, "--job") if spec.name else default_job_name(spec.command)
     planner = plan_gpus if mode == "gpus" else plan_torchrun
-    plan = planner(spec, hosts, job, spec.python or default_python(), spec.workdir or default_workdir(),
+    plan = planner(spec, world.hosts, job, spec.python or default_python(), spec.workdir or default_workdir(),
                    resolver(config))
+    plan = pin_devices(plan, world, spec.env_sources)
     tmux.check_fits(plan)  # refused here, not after some hosts have started
     return plan
 
@@ -150,7 +159,7 @@ def launch(config: Any, plan: Plan, spec: JobSpec, hostfile: str, *, replace: bo
     with project_lock(plan.job), Signals() as signals:
         try:
             _start(config, attempt, spec, replace, rollback_on_failure, preflight)
-            path = _save_record(plan, attempt, hostfile)
+            path = _save_record(plan, attempt, hostfile, spec)
             signals.shielded = True  # launched and recorded: a late signal no longer undoes it
         except Interrupted as exc:
             signals.shielded = True
@@ -177,10 +186,10 @@ def project_lock(job: str) -> Iterator[None]:
         yield
 
 
-def _save_record(plan: Plan, attempt: Attempt, hostfile: str) -> Path | str:
+def _save_record(plan: Plan, attempt: Attempt, hostfile: str, spec: JobSpec) -> Path | str:
     """Keep the launch record; the job runs either way, so a failure to write it is said, not fatal."""
     try:
-        return records.save(records.record(plan, attempt.launched, hostfile, attempt.run))
+        return records.save(records.record(plan, attempt.launched, hostfile, attempt.run, spec))
     except OSError as exc:
         ui.say(f"Warning: the launch record could not be written ({exc.strerror or exc}); the job runs, but "
                f"status and stop here need --gpus/--hosts to find it.", "yellow", stderr=True)

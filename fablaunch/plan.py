@@ -32,6 +32,13 @@ class RemotePath(str):
     """A path under the remote user's home (`~/...`), expanded on the host where it is used."""
 
 
+def on_host(path: str) -> str:
+    """A path as written for the hosts: `~/x` (or `~`) is the remote user's home there, never this machine's."""
+    if path == "~":
+        return RemotePath("~/")
+    return RemotePath(path) if path.startswith("~/") else path
+
+
 @dataclass(frozen=True)
 class Session:
     """One tmux session of a job: a rank (per-GPU mode) or a torchrun agent (per-node mode)."""
@@ -155,11 +162,20 @@ def check_user_env(env: dict[str, str]) -> None:
             raise UsageError("--env", problem)
 
 
+def host_env(spec: JobSpec, host: Host) -> dict[str, str]:
+    """One host's own variables, which win over the job-wide ones there: the spec's `host_env:` entry,
+    then the `KEY=VALUE` words of its host-file line."""
+    from .environment import for_host
+
+    return {**for_host(spec.host_env, host.spec, host.name), **dict(host.env)}
+
+
 def _base_env(spec: JobSpec, job: str, host: Host, error_file: RemotePath) -> dict[str, str]:
-    """Defaults, then the user's variables, then the ones fablaunch must own."""
+    """Defaults, then the user's variables (a host's own last), then the ones fablaunch must own."""
     check_user_env(spec.env)
     env = dict(DEFAULT_ENV)
     env.update(spec.env)
+    env.update(host_env(spec, host))
     env.update({
         "FABLAUNCH_JOB": job,
         "FABLAUNCH_HOST": host.spec,
@@ -194,6 +210,7 @@ def torchrun_argv(python: str, rdzv_id: str, endpoint: str, nnodes: str, nproc: 
 def plan_gpus(spec: JobSpec, gpus: list[Host], job: str, python: str, workdir: str,
               resolve: Callable[[Host], str] = lambda h: h.name) -> Plan:
     """One session per `gpus` line with the torchrun environment contract set by hand."""
+    workdir = on_host(workdir)
     hosts = _unique(gpus)
     master = _master(spec, hosts, resolve)
     node_of = {h.spec: i for i, h in enumerate(hosts)}
@@ -230,6 +247,7 @@ def plan_gpus(spec: JobSpec, gpus: list[Host], job: str, python: str, workdir: s
 def plan_torchrun(spec: JobSpec, hosts: list[Host], job: str, python: str, workdir: str,
                   resolve: Callable[[Host], str] = lambda h: h.name) -> Plan:
     """One torchrun agent per `hosts` line, meeting at a c10d rendezvous on the first host."""
+    workdir = on_host(workdir)
     master = _master(spec, hosts, resolve)
     sessions = []
     for node, host in enumerate(hosts):

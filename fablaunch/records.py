@@ -12,11 +12,15 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .plan import Plan
+from .hostfile import Host
+from .plan import Plan, host_env
 from .scripts import session_record
+from .selection import DEVICES_VAR
+from .spec import JobSpec
 
 RECORDS_DIR = Path(".fablaunch") / "records"
 LOCKS_DIR = Path(".fablaunch") / "locks"
@@ -70,20 +74,50 @@ def note(entry: dict[str, Any], path: Path = HISTORY) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def record(plan: Plan, launched: str, hostfile: str, run: str = "") -> dict[str, Any]:
-    """The launch record of a plan."""
+def record(plan: Plan, launched: str, hostfile: str, run: str = "", spec: JobSpec | None = None) -> dict[str, Any]:
+    """The launch record of a plan; with its spec, everything `fab relaunch` needs to start it again.
+
+    `world` is the host-file lines the job ran on, in rank order (a host per rank in per-GPU mode, a
+    node with its slots in torchrun mode): the world a relaunch starts from.
+    """
+    extra: dict[str, Any] = {}
+    if spec is not None:
+        extra["spec"] = {k: v for k, v in asdict(spec).items() if k != "env_sources"}
+        extra["world"] = world_lines(plan)
+        extra["devices"] = pinned_devices(plan, spec)
     return {
         "job": plan.job,
         "run": run,
         "mode": plan.mode,
         "launched": launched,
-        "hostfile": os.path.abspath(hostfile),
+        "hostfile": os.path.abspath(hostfile) if os.path.exists(hostfile) else hostfile,  # or hosts inline
         "hosts": [h.spec for h in plan.hosts],
         "command": list(plan.command),
         "workdir": plan.workdir,
         "master": f"{plan.master_addr}:{plan.port}",
         "sessions": [session_record(s) for s in plan.sessions],
+        **extra,
     }
+
+
+def pinned_devices(plan: Plan, spec: JobSpec) -> dict[str, str]:
+    """The CUDA_VISIBLE_DEVICES a GPU selection (`--include node1:2,3`) set per host, not the user's own."""
+    found: dict[str, str] = {}
+    for s in plan.sessions:
+        value = s.env_dict.get(DEVICES_VAR)
+        if value is not None and DEVICES_VAR not in spec.env and DEVICES_VAR not in host_env(spec, s.host):
+            found[s.host.spec] = value
+    return found
+
+
+def world_lines(plan: Plan) -> list[str]:
+    """The host-file lines of a plan's world: per-GPU, each rank's host in rank order; torchrun, each node."""
+    def line(h: Host, slots: int | None) -> str:
+        return " ".join([h.spec, *([f"slots={slots}"] if slots else []), *(f"{k}={v}" for k, v in h.env)])
+
+    if plan.mode == "gpus":
+        return [line(s.host, None) for s in sorted(plan.sessions, key=lambda s: s.rank or 0)]
+    return [line(h, h.slots) for h in plan.hosts]
 
 
 def save(data: dict[str, Any], root: Path = RECORDS_DIR) -> Path:
@@ -91,7 +125,11 @@ def save(data: dict[str, Any], root: Path = RECORDS_DIR) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{data['job']}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    # 0600: a record keeps the job's variables (for a relaunch), secrets among them.
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
     return path
 

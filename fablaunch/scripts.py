@@ -19,7 +19,7 @@ from collections.abc import Collection
 from . import tmux
 from .executor import hold_line
 from .hostfile import Host
-from .plan import JOBS_DIR, TAG_VAR, Plan, RemotePath, Session, job_dir, lock_file, tag
+from .plan import JOBS_DIR, TAG_VAR, Plan, RemotePath, Session, job_dir, lock_file, on_host, tag
 
 # Every process of a session carries these (read from /proc/PID/environ): the session it belongs to
 # (so a rank whose tmux server died is still found) and the launch run that started it (so a rollback
@@ -241,7 +241,7 @@ def _script_check(plan: Plan) -> list[str]:
     script = plan.command[0]
     if not script.endswith(".py"):
         return []
-    path = script if script.startswith("/") else f"{plan.workdir.rstrip('/')}/{script}"
+    path = script if script.startswith("/") else on_host(f"{plan.workdir.rstrip('/')}/{script}")
     # Only where the workdir exists: a missing workdir is the one problem to name then.
     return [f"[ ! -d {sh(plan.workdir)} ] || [ -f {sh(path)} ] || problem {sh(f'script: {path} not found')}"]
 

@@ -124,6 +124,9 @@ def plan(spec: JobSpec, mode: str, inside: str | None = None) -> SlurmPlan:
     per_node = gpus or 1
     name = check_job_name(spec.name, "--job") if spec.name else default_job_name(spec.command)
     check_user_env(spec.env)
+    if spec.host_env:
+        raise UsageError("host_env", "per-host variables are for launches over ssh: on Slurm the nodes are Slurm's "
+                                     "to choose (set job-wide variables with env: or --env)")
     options: list[tuple[str, str]] = []
     for key, flag, pattern in (("partition", "--partition", _PARTITION), ("time", "--time", _TIME),
                                ("account", "--account", _PARTITION), ("exclude", "--exclude", _NODES)):

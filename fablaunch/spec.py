@@ -20,7 +20,7 @@ import re
 import shlex
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -56,6 +56,11 @@ class JobSpec:
     name: str | None = None  # the spec's `job:` key, the --job flag
     hosts: str = "hosts"
     gpus: str = "gpus"
+    # Part of the hosts to use (selection.py): DeepSpeed's `node1:0,1@node2` filters, then the first N.
+    include: str | None = None
+    exclude: str | None = None
+    num_nodes: int | None = None
+    num_gpus: int | None = None
     python: str | None = None
     workdir: str | None = None
     port: int = DEFAULT_PORT
@@ -68,6 +73,12 @@ class JobSpec:
     torchrun_args: list[str] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)  # env keys a dry run masks besides secret-looking ones
     slurm: dict[str, Any] = field(default_factory=dict)  # the `slurm:` section and --slurm flags (SLURM_KEYS)
+    # Where the environment comes from besides `env` (see environment.py): the shell's variables with these
+    # prefixes (None: the defaults; [] none), an env file, and per-host values.
+    forward_env: list[str] | None = None
+    env_file: str | None = None
+    host_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    env_sources: dict[str, str] = field(default_factory=dict, compare=False)  # variable -> where it came from
 
 
 # What each spec key must be, for the error message and the check.
@@ -76,6 +87,10 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "job": (str,),
     "hosts": (str,),
     "gpus": (str,),
+    "include": (str,),
+    "exclude": (str,),
+    "num_nodes": (int,),
+    "num_gpus": (int,),
     "python": (str,),
     "workdir": (str,),
     "port": (int,),
@@ -87,6 +102,9 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "torchrun_args": (list,),
     "secrets": (list,),
     "slurm": (dict,),
+    "forward_env": (list, bool),
+    "env_file": (str,),
+    "host_env": (dict,),
 }
 # The keys of a spec's `slurm:` section (the --slurm launch flags), with their kinds.
 SLURM_KEYS: dict[str, type] = {
@@ -218,6 +236,11 @@ def _option(path: str, loader: Any, key: str, node: Any) -> Any:
         return _env(path, loader, node)
     if key == "slurm" and node.id == "mapping":
         return _slurm(path, loader, node)
+    if key == "host_env" and node.id == "mapping":
+        return {host: _env(path, loader, value, f"host_env.{host}.")
+                for host, _, value in _mapping(path, loader, node, "host_env.")}
+    if key == "forward_env":
+        return _forward_env(where, loader, node)
     if key in ("command", "torchrun_args", "secrets") and node.id == "sequence":
         words = [_word(where, item) for item in node.value]
         if key == "secrets":
@@ -266,11 +289,24 @@ def _word(where: str, node: Any) -> str:
     return node.value
 
 
-def _env(path: str, loader: Any, node: Any) -> dict[str, str]:
-    """The `env:` mapping: string keys and string values only, each variable checked."""
+def _forward_env(where: str, loader: Any, node: Any) -> list[str]:
+    """`forward_env:` a list of prefixes (replacing the defaults), or false for none."""
+    from .environment import check_prefixes
+
+    if node.id == "sequence":
+        return check_prefixes([_word(where, item) for item in node.value], where)
+    if loader.construct_object(node, deep=True) is False:
+        return []
+    raise UsageError(where, "must be a list of prefixes (e.g. [NCCL_, WANDB_]) or false")
+
+
+def _env(path: str, loader: Any, node: Any, prefix: str = "env.") -> dict[str, str]:
+    """The `env:` mapping (or one host's under `host_env:`): string keys and values only, each variable checked."""
+    if node.id != "mapping":
+        raise UsageError(f"{path}: key {prefix.rstrip('.')!r}", "must be a mapping of variables")
     env = {}
-    for key, _, value_node in _mapping(path, loader, node, "env."):
-        where = f"{path}: key 'env.{key}'"
+    for key, _, value_node in _mapping(path, loader, node, prefix):
+        where = f"{path}: key '{prefix}{key}'"
         env[key] = _env_value(where, loader, value_node)
         check_env_var(where, key, env[key])
     return env
@@ -327,12 +363,17 @@ def build_spec(spec_path: str | None, command: list[str], **flags: Any) -> JobSp
     """Merge a spec file, the command after `--` and the flags given (None = not given).
 
     `env` and `secrets` add to the spec's (a flag's variable wins); every other flag replaces its key.
+    The environment is layered as environment.py says: this process's environment gives the
+    forwarded variables; `forward_env` (prefixes, adding to the spec's or the defaults),
+    `no_forward_env` and `env_file` are the flags of that.
     """
     data = read_spec(spec_path) if spec_path else {}
     flag_env = flags.pop("env", None) or {}
     for key, value in flag_env.items():
         check_env_var("--env", key, value)
-    data["env"] = {**data.get("env", {}), **flag_env}
+    data["env"], data["env_sources"] = _layered_env(data, flag_env, flags.pop("forward_env", None),
+                                                    flags.pop("no_forward_env", None), flags.pop("env_file", None),
+                                                    os.environ)
     flag_secrets = flags.pop("secrets", None) or []
     check_secret_names("--secret", flag_secrets)
     data["secrets"] = list(dict.fromkeys([*data.get("secrets", []), *flag_secrets]))
@@ -345,6 +386,36 @@ def build_spec(spec_path: str | None, command: list[str], **flags: Any) -> JobSp
     spec = JobSpec(**{f.name: data[f.name] for f in fields(JobSpec) if f.name in data})
     check_spec(spec)
     return spec
+
+
+def _layered_env(data: dict[str, Any], flag_env: dict[str, str], more_prefixes: list[str] | None,
+                 no_forward: bool | None, env_file: str | None,
+                 environ: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Forwarded variables, then the env file, the spec's `env:` and `--env`: the variables and their sources."""
+    from . import environment
+    from .plan import reserved_env
+
+    prefixes = list(environment.DEFAULT_FORWARD if data.get("forward_env") is None else data["forward_env"])
+    prefixes += environment.check_prefixes(list(more_prefixes or []), "--forward-env")
+    if no_forward:
+        prefixes = []
+    layers: list[tuple[str, dict[str, str]]] = [
+        (environment.FORWARDED, environment.forwarded(environ, prefixes,
+                                                      frozenset(k for k in environ if reserved_env(k))))]
+    path, named = environment.env_file_path(env_file, data.get("env_file"))
+    if path is not None:
+        from_file = environment.read_env_file(path)
+        for key, value in from_file.items():
+            check_env_var(f"{path} ({key})", key, value)
+        layers.append((f"env file {path}" if named != environment.DEFAULT_ENV_FILE else named, from_file))
+    layers += [("spec", data.get("env", {})), ("--env", flag_env)]
+    env: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for source, values in layers:
+        for key, value in values.items():
+            env[key] = value
+            sources[key] = source
+    return env, sources
 
 
 def check_spec(spec: JobSpec) -> None:
@@ -407,6 +478,8 @@ def _check_total(spec: JobSpec) -> None:
     """The whole command and environment of one session must fit what exec can pass, with room to spare."""
     strings = [*spec.command, *spec.torchrun_args, *(f"{k}={v}" for k, v in spec.env.items())]
     total = sum(_size(s) + 1 for s in strings)  # exec counts each string's terminating NUL
+    total += max((sum(_size(f"{k}={v}") + 1 for k, v in values.items()) for values in spec.host_env.values()),
+                 default=0)  # a host's own variables come on top (or in place) of the job's
     if total > MAX_TOTAL_BYTES:
         raise UsageError("command and --env", f"together {total} bytes, over the limit of {MAX_TOTAL_BYTES} per "
                                               "session (Linux's ARG_MAX is typically 2 MiB, shared with the "

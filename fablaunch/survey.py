@@ -86,6 +86,7 @@ class SessionState:
     ranks: list[int] = field(default_factory=list)
     ranks_source: str = ""
     backend: str = "ssh"  # ssh (a tmux session on a host) or slurm (a task of a Slurm job)
+    run: str = ""  # the launch that wrote its manifest (a relaunch is a new run of the same job)
     slurm_job: str | None = None
     # torchrun mode: the node's workers' stdout/stderr logs of its newest attempt, with their last lines.
     worker_logs: list[WorkerLog] = field(default_factory=list)
@@ -300,7 +301,8 @@ def _state(manifest: dict[str, Any], entry: dict[str, Any], live: dict[str, str]
     base = f"{directory}/{session.removeprefix(f'{job}-')}"
     state = SessionState(job, mode, str(entry["host"]), session,
                          as_int(str(entry["rank"])) if mode == "gpus" else None, as_int(str(entry["node"])), "lost",
-                         launched=str(manifest.get("launched", "")), log=f"{base}.log")
+                         launched=str(manifest.get("launched", "")), log=f"{base}.log",
+                         run=str(manifest.get("run", "")))
     record = _json(files.get(f"{base}.exit"))
     if record is not None and record.get("run", "") != manifest.get("run", ""):
         record = None

@@ -34,12 +34,13 @@ from fablaunch.launcher import make_plan
 from fablaunch.plan import Plan
 from fablaunch.scripts import VERSION_PROBE, job_exists, port_in_use, python_found, sh
 from fablaunch.spec import DEFAULT_PORT, JobSpec, build_spec, default_python, read_spec
+from fablaunch.sync import code_manifest, differing, verify_payload
 
 from .flags import int_flag, parallel_flag, task, usage_errors
 
 # Columns of the table and keys of --json, in this order.
-CHECKS = ("ssh", "tmux", "workdir", "python", "torch", "cuda", "nccl", "gpus", "port", "tcp", "clock", "nofile",
-          "disk", "state_dir", "job", "py_spy")
+CHECKS = ("ssh", "tmux", "workdir", "code", "python", "torch", "cuda", "nccl", "gpus", "port", "tcp", "clock",
+          "nofile", "disk", "state_dir", "job", "py_spy")
 LABELS = {"tcp": "reach master", "nofile": "open files", "py_spy": "py-spy", "disk": "disk free",
           "state_dir": "~/.fablaunch"}
 VERSIONS = ("python", "torch", "cuda", "nccl")  # compared across hosts
@@ -372,6 +373,33 @@ def _gpus(fields: Mapping[str, str], expected: int | None, cuda: Check) -> Check
     return ok(n, f"{n}/{expected}" if expected is not None else str(n))
 
 
+def code_check(fields: Mapping[str, str], manifest: bytes | None, workdir: str) -> Check:
+    """The tracked files in the host's workdir against this directory's (`fablaunch.sync.verify_payload`).
+
+    A difference is a warning, not a failure: the launch itself works, and a host may differ on
+    purpose (a local patch); but ranks running different code is a classic silent hang or a wrong
+    result, so it is named, with the count and one of the files.
+    """
+    if manifest is None:
+        return Check("skip", None, "not git", "not a git checkout here: skipped")
+    total = manifest.count(b"\n")
+    if not total:
+        return skip("no tracked files here")
+    if fields.get("workdir") != "ok":
+        return skip("no working directory")
+    rc, diff = fields.get("code_rc"), fields.get("code_diff", "")
+    if rc == "0":
+        return ok(0, "matches")
+    if rc == "1" and diff.isdigit() and int(diff):
+        n, first = int(diff), differing(fields.get("code_first", ""))
+        return warn(n, f"differs ({ui.plural(n, 'file')})",
+                    f"{n} of {ui.plural(total, 'tracked file')} in {workdir} differ from this directory's "
+                    f"(first: {first}): `fab sync` copies them")
+    if rc == "124":
+        return warn(None, "?", f"hashing the tracked files in {workdir} took too long")
+    return warn(None, "?", f"could not compare the code in {workdir} (exit code {rc or '?'}: is sha256sum there?)")
+
+
 def ssh_check(outcome: Outcome) -> Check:
     """Reachability, with the time to connect and run a trivial command."""
     if not outcome.reached:
@@ -532,15 +560,19 @@ def check_hosts(ex: Executor, plan: Plan, python: str, job: str | None) -> dict[
     for h in hosts:
         if h not in live:
             results[h.spec].update(unreached(results[h.spec]["ssh"].message))
+    # The code check rides in the same round trip: this directory's tracked files, hashed here, checked there.
+    manifest = code_manifest(Path.cwd())
+    verify = "" if manifest is None else verify_payload(plan.workdir, manifest)
     with ui.progress("doctor: checking hosts", len(live)) as advance:
         answers = ex.run({h: (REMOTE_SHELL, host_payload(plan.workdir, python, job, plan.port if h == master else None,
-                                                         plan.master_addr)) for h in live}, on_done=advance)
+                                                         plan.master_addr) + verify) for h in live}, on_done=advance)
     for h in live:
         o = answers[h.spec]
         if o.reached:
             results[h.spec].update(host_checks(parse_fields(o.stdout), workdir=plan.workdir, python=python,
                                                expected_gpus=expected_gpus(plan, h), job=job,
                                                port=plan.port if h == master else None, host=h.spec))
+            results[h.spec]["code"] = code_check(parse_fields(o.stdout), manifest, plan.workdir)
         else:  # lost between the two round trips
             results[h.spec]["ssh"] = fail(None, "unreachable", o.why())
             results[h.spec].update(unreached(o.why()))
@@ -634,7 +666,8 @@ def doctor_(c, gpus=None, hosts=None, spec=None, python=None, workdir=None, port
            parallel=None, json_=False, slurm=False, nodes=None, partition=None, logdir=None, gpus_per_node=None):
     """Check every host for what would make a launch fail or a job hang; exit 1 if anything would.
 
-    Per host, in parallel: ssh (connect time), tmux, working directory and free disk, ~/.fablaunch
+    Per host, in parallel: ssh (connect time), tmux, working directory and free disk, the code there
+    (this directory's tracked files, by sha256: a difference warns), ~/.fablaunch
     (writable, at least 100 MiB free, else it fails; under 1 GiB warns), the interpreter,
     python/torch/CUDA/NCCL versions (the same on every host), GPUs (nvidia-smi) against the host file,
     clock offset, open-files limit, py-spy, a running job of --job's name; MASTER_PORT free on the

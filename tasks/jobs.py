@@ -45,8 +45,10 @@ from .flags import int_flag, parallel_flag, seconds_flag, task, usage_errors
 
 TARGET_HELP = {
     "job": "Job name (default: every job of this project found on the hosts).",
-    "hosts": "A hosts file naming hosts to ask (default ./hosts, if present, and the launch records' hosts).",
-    "gpus": "A gpus file naming hosts to ask (default ./gpus, if present, and the launch records' hosts).",
+    "hosts": "A hosts file naming hosts to ask, or hosts inline: 'node[1-3]' (default ./hosts, if present, and "
+             "the launch records' hosts).",
+    "gpus": "A gpus file naming hosts to ask, or hosts inline: 'node[1-3]' (default ./gpus, if present, and "
+            "the launch records' hosts).",
     "parallel": "Hosts contacted at once (default 32).",
 }
 
@@ -83,6 +85,16 @@ def describe_end(s: SessionState) -> str:
 
 
 
+def _relaunched(job: str, states: list[SessionState]) -> str:
+    """`, relaunch 2 (run R) without node3`: which run of a relaunched job is shown; nothing for a first launch."""
+    rec = records.load(job) or {}
+    again = rec.get("relaunch")
+    if not again or not states or states[0].run != rec.get("run"):
+        return ""
+    dropped = f" without {', '.join(again.get('dropped') or {})}" if again.get("dropped") else ""
+    return f", relaunch {again.get('count', '?')} (run {rec['run']}){dropped}"
+
+
 def job_table(job: str, states: list[SessionState]) -> ui.TableSpec:
     """A table of one job's sessions: host, rank or node, state and exit are never squeezed.
 
@@ -101,7 +113,7 @@ def job_table(job: str, states: list[SessionState]) -> ui.TableSpec:
         which = ("" if s.rank is None else s.rank,) if mode == "gpus" else ("" if s.node is None else s.node,
                                                                               ranks_text(s))
         rows.append((s.host, s.session, *which, shown_state(s), describe_end(s), s.pid or "", _age(s.runtime), last))
-    return ui.TableSpec(f"job {job} ({mode})",
+    return ui.TableSpec(f"job {job} ({mode}{_relaunched(job, states)})",
                         ("host", "session", *numbers, "state", "exit", "pid", "run time", "last log line"), rows,
                         [_STYLE.get(s.state) for s in states], key_columns=("host", *numbers, "state", "exit"),
                         free_columns=("last log line",))

@@ -16,12 +16,14 @@ from fablaunch import launcher, ui
 from fablaunch.errors import JobNotFound, LaunchError, UsageError
 from fablaunch.executor import REMOTE_SHELL, Executor, Outcome
 from fablaunch.jobs import watch
-from fablaunch.plan import Plan
+from fablaunch.plan import Plan, host_env
 from fablaunch.scripts import describe, launch_payload, manifest, masked, session_script
+from fablaunch.selection import Selection, spans, world_of
 from fablaunch.spec import JobSpec, build_spec, parse_env
 
 from .cli import command_argv
 from .flags import int_flag, task, usage_error, usage_errors
+from .sync import before_launch as sync_before_launch
 
 COMMON_HELP = {
     "job": "Job name (default: the spec's job, else the script's name plus a timestamp).",
@@ -31,6 +33,10 @@ COMMON_HELP = {
     "port": "MASTER_PORT / rendezvous port on the first host (default 5001; on Slurm 20000 + job id % 20000).",
     "master_addr": "Address the ranks reach the first host at (default: the first host as ssh resolves it).",
     "env": "KEY=VALUE set for every rank; repeatable. Values never appear on a command line.",
+    "env_file": "File of KEY=VALUE lines set for every rank (default ./.fablaunch.env if present).",
+    "forward_env": "Also carry this shell's variables starting with PREFIX to every rank (besides NCCL_, CUDA_, "
+                   "TORCH_, PYTHON, UCX_, FI_, WANDB_, HF_); repeatable.",
+    "no_forward_env": "Carry none of this shell's variables to the ranks.",
     "secret": "Mask this variable's value in --dry-run, like names with TOKEN, KEY, PASS...; repeatable.",
     "parallel": "Hosts contacted at once (default 32).",
     "replace": "Stop a running job of the same name first instead of refusing.",
@@ -39,6 +45,8 @@ COMMON_HELP = {
                  "first host, no running job of this name (default on).",
     "dry_run": "Print every session, one session's script and a manifest (secrets masked); touch no host.",
     "verbose": "With --dry-run: every host's payload and every session's script.",
+    "sync": "First copy this directory to every host's workdir, as `fab sync` does (.gitignore honoured, "
+            "shared directories skipped); a host that fails stops the launch before anything starts.",
     "wait": "After launching, show the job live until it ends and exit like `fab wait`.",
     "follow": "After launching, stream every rank's output like `fab logs --follow`.",
     "slurm": "Run the job on Slurm instead of over ssh: sbatch a batch script (or, inside an allocation, srun "
@@ -51,7 +59,12 @@ COMMON_HELP = {
     "time": "With --slurm: the job's time limit, e.g. 4:00:00 or 2-00:00:00.",
     "account": "With --slurm: the Slurm account to charge.",
     "nodelist": "With --slurm: these nodes (node[1-3],gpu7) or the nodes of a hosts file.",
-    "exclude": "With --slurm: never run on these nodes.",
+    "exclude": "Leave out these hosts, or GPUs of a host: node2@node1:0,1 (DeepSpeed's syntax; a host may be a "
+               "range). With --slurm: Slurm's node list to avoid, no GPU indices.",
+    "include": "Use only these hosts, or GPUs of a host: node1:0,1@node3 (DeepSpeed's syntax; a host may be a "
+               "range). Not with --slurm.",
+    "num_nodes": "Use only the first N hosts that remain after include/exclude.",
+    "num_gpus": "Use only the first N GPUs (ranks) that remain, in rank order.",
     "sbatch_arg": "With --slurm: one more sbatch option, passed verbatim (`--sbatch-arg=--qos=high`); repeatable.",
     "logdir": "With --slurm: the directory every node shares for the job's files "
               "(default .fablaunch/slurm here).",
@@ -69,9 +82,29 @@ def _slurm_flags(slurm: bool, **flags: Any) -> dict[str, Any] | None:
     return given or None
 
 
+def _selection(slurm: bool, include: str | None, exclude: str | None, num_nodes: Any, num_gpus: Any) -> dict[str, Any]:
+    """The selection flags of an ssh launch; with --slurm, which reads no host file, only --exclude (sbatch's).
+
+    One --exclude serves both: over ssh it is DeepSpeed's host[:gpus]@... filter, with --slurm the node
+    list sbatch avoids, so GPU indices there are refused rather than passed to Slurm as node names.
+    """
+    if not slurm:
+        return {"include": include, "exclude": exclude, "num_nodes": int_flag(num_nodes, "--num-nodes", minimum=1),
+                "num_gpus": int_flag(num_gpus, "--num-gpus", minimum=1)}
+    given = [f for f, v in (("--include", include), ("--num-nodes", num_nodes), ("--num-gpus", num_gpus)) if v]
+    if given:
+        raise UsageError(", ".join(given), "select from host files, which --slurm does not read: "
+                                           "use --nodelist, --nodes and --gpus-per-node")
+    if exclude is not None and ":" in exclude:
+        raise UsageError("--exclude", f"{exclude!r}: GPU indices are for launches over ssh; with --slurm, "
+                                      "--exclude is Slurm's list of nodes to avoid (node[1-3],gpu7)")
+    return {}
+
+
 def _spec(spec: str | None, env: list[str] | None, secret: list[str] | None = None, **flags: Any) -> JobSpec:
     for name in ("port", "parallel", "max_restarts"):
         flags[name] = int_flag(flags.get(name), f"--{name.replace('_', '-')}")
+    flags["forward_env"] = flags.get("forward_env") or None
     return build_spec(spec, command_argv(), env=parse_env(env or []) or None, secrets=secret, **flags)
 
 
@@ -108,6 +141,26 @@ def dry_run(plan: Plan, launched: str, verbose: bool = False) -> None:
     if not verbose:
         ui.say("The other sessions' scripts differ only in their rank variables; --verbose shows every script "
                "and every host's payload.")
+
+
+def variable_rows(spec: JobSpec, plan: Plan) -> list[dict[str, str]]:
+    """The user's variables every rank gets, each with where it came from (a host's own last), secrets masked."""
+    rows = [{"variable": k, "value": masked(k, v, plan.secrets, quote=False), "from": spec.env_sources.get(k, "spec"),
+             "hosts": "all"} for k, v in spec.env.items()]
+    for host in plan.hosts:
+        for k, v in host_env(spec, host).items():
+            rows.append({"variable": k, "value": masked(k, v, plan.secrets, quote=False), "from": "host_env",
+                         "hosts": host.spec})
+    return rows
+
+
+def show_variables(spec: JobSpec, plan: Plan) -> None:
+    """The dry run's table of variables and their sources: forwarded, env file, spec, --env, per host."""
+    rows = variable_rows(spec, plan)
+    if rows:
+        ui.table("Variables (besides fablaunch's and the rank contract; later sources win)",
+                 ("variable", "value", "from", "hosts"), [tuple(r.values()) for r in rows],
+                 key_columns=("variable", "from"), free_columns=("value", "hosts"))
 
 
 def _host_rows(plan: Plan, outcomes: dict[str, Outcome], note: dict[str, str] | None = None,
@@ -155,6 +208,10 @@ def launch_slurm(c: Any, mode: str, spec: JobSpec, dry: bool, wait: bool, follow
     """Submit the job to Slurm (or, `dry`, show its batch script); then wait or follow as over ssh."""
     from fablaunch import slurm
 
+    if Selection.of(spec):
+        keys = ", ".join(k for k, v in vars(Selection.of(spec)).items() if v is not None)
+        raise usage_error(UsageError(f"spec keys {keys}", "select from host files, which --slurm does not read: "
+                                                          "use its slurm: section (nodelist, exclude, nodes)"))
     try:
         p = slurm.plan(spec, mode, slurm.allocation())
         if dry:
@@ -193,12 +250,13 @@ def launch_slurm(c: Any, mode: str, spec: JobSpec, dry: bool, wait: bool, follow
 
 
 def launch_then(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool,
-                wait: bool, follow: bool, preflight: bool = True, verbose: bool = False, as_json: bool = False) -> None:
+                wait: bool, follow: bool, preflight: bool = True, verbose: bool = False, as_json: bool = False,
+                sync: bool = False) -> None:
     """Launch, then optionally follow the logs and/or wait for the end, as the flags ask."""
     if as_json and follow:
         raise usage_error(UsageError("--json/--follow", "--follow streams the ranks' output, which is not JSON: "
                                                         "use --wait --json for the end as JSON"))
-    plan, launched = launch(c, mode, spec, replace, rollback_on_failure, dry, preflight, verbose, as_json)
+    plan, launched = launch(c, mode, spec, replace, rollback_on_failure, dry, preflight, verbose, as_json, sync)
     if dry:
         if as_json:
             print(json.dumps(launched, indent=2))
@@ -234,17 +292,26 @@ def _after_launch(c: Any, job: str, hosts: list[Any], parallel: int, launched: d
 
 
 def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure: bool, dry: bool,
-           preflight: bool = True, verbose: bool = False, as_json: bool = False) -> tuple[Plan, dict[str, Any]]:
+           preflight: bool = True, verbose: bool = False, as_json: bool = False,
+           sync: bool = False) -> tuple[Plan, dict[str, Any]]:
     """Plan and launch (or, `dry`, only show) a job; print each host's result; raise Exit unless all started.
 
     Returns the plan and what `--json` prints for it (`as_json`: nothing else goes to stdout, and a
     failed launch prints its per-host results as JSON before its exit code).
     """
     plan, hostfile = _make_plan(c, mode, spec)
+    selected = _selected(plan, spec, as_json)
     if dry:
         if not as_json:
             dry_run(plan, datetime.now().astimezone().isoformat(timespec="seconds"), verbose)
-        return plan, _plan_json(plan, dry_run=True, master_addr=plan.master_addr, master_port=plan.port)
+            show_variables(spec, plan)
+            if sync:
+                ui.say("--sync: a launch would first copy this directory to the hosts; `fab sync --dry-run` "
+                       "shows what would be copied.")
+        return plan, _plan_json(plan, dry_run=True, master_addr=plan.master_addr, master_port=plan.port,
+                                variables=variable_rows(spec, plan), **selected)
+    if sync:
+        selected["sync"] = sync_before_launch(c, plan, spec.parallel, as_json)
     try:
         done = launcher.launch(c.config, plan, spec, hostfile, replace=replace,
                                rollback_on_failure=rollback_on_failure, preflight=preflight)
@@ -258,18 +325,41 @@ def launch(c: Any, mode: str, spec: JobSpec, replace: bool, rollback_on_failure:
         _results_table(f"Launched {plan.job}: {ui.plural(len(plan.sessions), 'session')} on "
                        f"{ui.plural(len(plan.hosts), 'host')}", plan, done.outcomes)
         ui.say(f"Logs: {plan.sessions[0].dir.rsplit('/', 1)[0]}/<host>/ on each host; record: {done.record}")
-    return plan, _plan_json(plan, done.outcomes, run=done.run, record=str(done.record))
+    return plan, _plan_json(plan, done.outcomes, run=done.run, record=str(done.record), **selected)
+
+
+def _selected(plan: Plan, spec: JobSpec, as_json: bool) -> dict[str, Any]:
+    """Show the world a selection leaves before anything starts; returns it for --json (nothing without one).
+
+    Which hosts remain, in which order, decides every rank and MASTER_ADDR, so a launch that
+    selects says what it will start instead of leaving it to be read off the sessions.
+    """
+    selection = Selection.of(spec)
+    if not selection:
+        return {}
+    world = world_of(plan)
+    if not as_json:
+        size = "decided by torchrun" if world["world_size"] is None else world["world_size"]
+        per_host = "ranks" if plan.mode == "gpus" else "workers"
+        ui.table(f"World after {selection.flags()}: WORLD_SIZE {size} on {ui.plural(len(plan.hosts), 'host')}, "
+                 f"MASTER_ADDR {world['master_addr']}", ("host", "node", per_host, "gpus"),
+                 [(h["host"], h["node"], spans(h["ranks"]) if plan.mode == "gpus" else h["workers"], h["gpus"])
+                  for h in world["hosts"]], key_columns=("host", "node"), free_columns=(per_host, "gpus"))
+    return {"selection": {k: v for k, v in vars(selection).items() if v is not None}, "world": world}
 
 
 @task(
-    help={**COMMON_HELP, "gpus": "File listing one host per GPU, in rank order (default ./gpus)."},
-    iterable=["env", "secret", "sbatch_arg"],
+    help={**COMMON_HELP, "gpus": "File listing one host per GPU, in rank order (default ./gpus), or hosts "
+                                 "inline: 'node[1-2] slots=2' (see README)."},
+    iterable=["env", "secret", "sbatch_arg", "forward_env"],
 )
 @usage_errors
 def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
                 env=None, parallel=None, replace=False, rollback=True, dry_run=False, wait=False, follow=False,
                 preflight=True, verbose=False, secret=None, json_=False, slurm=False, nodes=None, gpus_per_node=None,
-                partition=None, time=None, account=None, nodelist=None, exclude=None, sbatch_arg=None, logdir=None):
+                partition=None, time=None, account=None, nodelist=None, exclude=None, sbatch_arg=None, logdir=None,
+                env_file=None, forward_env=None, no_forward_env=False, include=None, num_nodes=None, num_gpus=None,
+                sync=False):
     """Start one tmux session per line of the gpus file, each a rank with the torchrun environment.
 
     Usage: fab launch-gpus [flags] -- train.py --your --args. Every rank gets RANK, LOCAL_RANK,
@@ -280,30 +370,37 @@ def launch_gpus(c, gpus=None, job=None, spec=None, python=None, workdir=None, po
         job_spec = _spec(spec, env, secret, gpus=gpus, name=job, python=python, workdir=workdir, port=port,
                          master_addr=master_addr, parallel=parallel,
                          slurm=_slurm_flags(slurm, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition,
-                                            time=time, account=account, nodelist=nodelist, exclude=exclude,
-                                            sbatch_args=sbatch_arg or None, logdir=logdir))
+                                            time=time, account=account, nodelist=nodelist,
+                                            exclude=exclude if slurm else None,
+                                            sbatch_args=sbatch_arg or None, logdir=logdir),
+                         env_file=env_file, forward_env=forward_env, no_forward_env=no_forward_env,
+                         **_selection(slurm, include, exclude, num_nodes, num_gpus))
     except UsageError as exc:
         raise usage_error(exc) from None
+    if slurm and sync:
+        raise UsageError("--sync", "a Slurm job runs in a directory every node shares: there is nothing to copy")
     if slurm:
         return launch_slurm(c, "gpus", job_spec, dry_run, wait, follow, json_)
-    launch_then(c, "gpus", job_spec, replace, rollback, dry_run, wait, follow, preflight, verbose, json_)
+    launch_then(c, "gpus", job_spec, replace, rollback, dry_run, wait, follow, preflight, verbose, json_, sync)
 
 
 @task(
     help={
         **COMMON_HELP,
-        "hosts": "File listing one node per line, optionally with ` slots=N` (default ./hosts).",
+        "hosts": "File listing one node per line, optionally with ` slots=N` (default ./hosts), or nodes "
+                 "inline: 'node[1-4] slots=8' (see README).",
         "nproc_per_node": "Workers per node for torchrun (default: the host's slots, else `gpu`).",
         "max_restarts": "torchrun --max-restarts: restarts of the whole worker group on failure.",
     },
-    iterable=["env", "secret", "sbatch_arg"],
+    iterable=["env", "secret", "sbatch_arg", "forward_env"],
 )
 @usage_errors
 def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=None, port=None, master_addr=None,
                     env=None, parallel=None, nproc_per_node=None, max_restarts=None, replace=False, rollback=True,
                     dry_run=False, wait=False, follow=False, preflight=True, verbose=False, secret=None,
                     json_=False, slurm=False, nodes=None, gpus_per_node=None, partition=None, time=None, account=None,
-                nodelist=None, exclude=None, sbatch_arg=None, logdir=None):
+                nodelist=None, exclude=None, sbatch_arg=None, logdir=None, env_file=None, forward_env=None,
+                no_forward_env=False, include=None, num_nodes=None, num_gpus=None, sync=False):
     """Start torchrun on every node of the hosts file (one tmux session each), meeting at c10d rendezvous.
 
     Usage: fab launch-torchrun [flags] -- train.py --your --args. The first host serves the
@@ -314,10 +411,16 @@ def launch_torchrun(c, hosts=None, job=None, spec=None, python=None, workdir=Non
                          master_addr=master_addr, parallel=parallel,
                          nproc_per_node=nproc_per_node, max_restarts=max_restarts,
                          slurm=_slurm_flags(slurm, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition,
-                                            time=time, account=account, nodelist=nodelist, exclude=exclude,
-                                            sbatch_args=sbatch_arg or None, logdir=logdir))
+                                            time=time, account=account, nodelist=nodelist,
+                                            exclude=exclude if slurm else None,
+                                            sbatch_args=sbatch_arg or None, logdir=logdir),
+                         env_file=env_file, forward_env=forward_env, no_forward_env=no_forward_env,
+                         **_selection(slurm, include, exclude, num_nodes, num_gpus))
     except UsageError as exc:
         raise usage_error(exc) from None
+    if slurm and sync:
+        raise UsageError("--sync", "a Slurm job runs in a directory every node shares: there is nothing to copy")
     if slurm:
         return launch_slurm(c, "torchrun", job_spec, dry_run, wait, follow, json_)
-    launch_then(c, "torchrun", job_spec, replace, rollback, dry_run, wait, follow, preflight, verbose, json_)
+    launch_then(c, "torchrun", job_spec, replace, rollback, dry_run, wait, follow, preflight, verbose, json_,
+                sync)

@@ -74,7 +74,7 @@ def test_parse_fields_keeps_the_first_value_of_a_key_and_ignores_other_lines() -
 
 def test_a_healthy_host_passes_every_check() -> None:
     checks = judge()
-    assert set(checks) == set(CHECKS) - {"ssh", "tcp", "clock"}
+    assert set(checks) == set(CHECKS) - {"ssh", "tcp", "clock", "code"}  # those are judged apart from the payload
     assert set(statuses(checks).values()) == {"ok"}
     assert checks["tmux"].value == "3.3a" and checks["python"].value == "3.11.2" and checks["gpus"].value == 8
     assert checks["disk"].value == 200.0 and checks["port"].value == 5001 and checks["py_spy"].value == "0.4.0"
@@ -223,7 +223,8 @@ def test_exit_code_is_1_only_for_failures() -> None:
 
 
 def test_json_has_one_object_per_host_with_every_check() -> None:
-    results = {"node1": {"ssh": doctor.ok(0.2), "clock": doctor.ok(0.0), "tcp": doctor.ok("x"), **judge()},
+    results = {"node1": {"ssh": doctor.ok(0.2), "clock": doctor.ok(0.0), "tcp": doctor.ok("x"),
+                         "code": doctor.ok(0, "matches"), **judge()},
                "node2": {"ssh": doctor.fail(None, "unreachable", "refused"), **doctor.unreached("refused")}}
     data = doctor.as_json(results, "node1")
     assert [d["host"] for d in data] == ["node1", "node2"] and [d["master"] for d in data] == [True, False]

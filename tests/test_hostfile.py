@@ -1,4 +1,4 @@
-"""The `hosts` and `gpus` files: what they accept, and how they name what is wrong."""
+"""The `hosts` and `gpus` files and host flags: what they accept (ranges too), and how they name what is wrong."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fablaunch.errors import UsageError
-from fablaunch.hostfile import MAX_SLOTS, Host, parse_host, read_gpus, read_hosts
+from fablaunch.hostfile import (
+    MAX_HOSTS,
+    MAX_SLOTS,
+    Host,
+    expand,
+    gpus_from,
+    hosts_from,
+    parse_host,
+    read_gpus,
+    read_hosts,
+)
 
 
 def write(tmp_path: Path, text: str, name: str = "hosts") -> Path:
@@ -211,3 +221,165 @@ def test_gpus_file_round_trips_any_order(specs: list[str]) -> None:
         path = Path(d) / "gpus"
         path.write_text("".join(f"{s}  # rank {i}\n\n" for i, s in enumerate(specs)), encoding="utf-8")
         assert [h.spec for h in read_gpus(path)] == specs
+
+
+# --- ranges: one entry naming many hosts ------------------------------------------------------------
+
+
+def specs(hosts: list[Host]) -> list[str]:
+    return [h.spec for h in hosts]
+
+
+def test_a_range_in_a_hosts_file_names_each_host_with_the_lines_slots(tmp_path: Path) -> None:
+    hosts = read_hosts(write(tmp_path, "gpu[01-04,07] slots=8\nother\n"))
+    assert [(h.spec, h.slots) for h in hosts] == [("gpu01", 8), ("gpu02", 8), ("gpu03", 8), ("gpu04", 8),
+                                                   ("gpu07", 8), ("other", None)]
+
+
+def test_user_and_port_apply_to_every_host_of_a_range(tmp_path: Path) -> None:
+    hosts = read_hosts(write(tmp_path, "alice@gpu[1-3]:2222\n"))
+    assert specs(hosts) == ["alice@gpu1:2222", "alice@gpu2:2222", "alice@gpu3:2222"]
+    assert {(h.name, h.user, h.port) for h in hosts} == {(f"gpu{i}", "alice", 2222) for i in (1, 2, 3)}
+
+
+def test_a_gpus_line_with_a_range_is_one_line_per_host_in_order(tmp_path: Path) -> None:
+    # Two range lines interleave exactly as the six lines they stand for: rank r on node (r % 3) + 1.
+    path = write(tmp_path, "node[1-3]\nnode[1-3]\n", "gpus")
+    assert specs(read_gpus(path)) == ["node1", "node2", "node3", "node1", "node2", "node3"]
+
+
+def test_slots_on_a_gpus_line_repeat_each_host_that_many_times_in_a_row(tmp_path: Path) -> None:
+    path = write(tmp_path, "gpu[1-2] slots=2\nlast\n", "gpus")
+    assert specs(read_gpus(path)) == ["gpu1", "gpu1", "gpu2", "gpu2", "last"]
+
+
+def test_a_comma_list_keeps_the_order_written_and_ranges_expand_in_place(tmp_path: Path) -> None:
+    path = write(tmp_path, "node3,gpu[1-2]:22,bob@node1\n", "gpus")
+    assert specs(read_gpus(path)) == ["node3", "gpu1:22", "gpu2:22", "bob@node1"]
+
+
+def test_several_ranges_in_one_name_vary_the_last_fastest() -> None:
+    assert specs(expand("rack[1-2]-gpu[07-08]", "x")) == ["rack1-gpu07", "rack1-gpu08", "rack2-gpu07", "rack2-gpu08"]
+
+
+def test_steps_and_zero_padding_are_clustershells() -> None:
+    assert specs(expand("n[1-10/4]", "x")) == ["n1", "n5", "n9"]
+    assert specs(expand("n[098-101]", "x")) == ["n098", "n099", "n100", "n101"]
+
+
+def test_bracketed_addresses_are_still_addresses_not_ranges(tmp_path: Path) -> None:
+    path = write(tmp_path, "[fe80::1]:22\n[::1]\n", "gpus")
+    assert specs(read_gpus(path)) == ["[fe80::1]:22", "[::1]"]
+
+
+def test_a_range_repeating_a_host_of_another_hosts_line_names_both_lines(tmp_path: Path) -> None:
+    path = write(tmp_path, "node[1-3]\n# more\nnode2 slots=4\n")
+    message = raises_at(f"{path}:3", "'node2' is listed twice", call=lambda: read_hosts(path))
+    assert f"{path}:1" in message
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    ("node[1-3", ["brackets must pair up"]),
+    ("node1-3]", ["brackets must pair up"]),
+    ("node[3-1]", ["node[3-1]", "invalid"]),
+    ("node[a-b]", ["[a-b] must hold numbers"]),
+    ("node[]", ["[] must hold numbers"]),
+    ("node[1-2-3]", ["must hold numbers"]),
+    ("node[01-1]", ["padding"]),
+    ("node[3,1]", ["must go up", "node3,node1"]),  # rank order must be what is written
+    ("node[1,1]", ["must go up"]),
+    ("node[1-3,2]", ["must go up"]),
+    ("node[01-04,7]", ["pad them alike"]),  # ClusterShell would put node7 first
+    ("-node[1-2]", ["'-node1' is not a valid host name", "from '-node[1-2]'"]),
+    ("node[1-2]:99999", ["port", "from 'node[1-2]:99999'"]),
+    ("node[1-2];id", ["shell metacharacter ;"]),
+    ("@node[1-2]", ["nothing before '@'"]),
+    ("node[1-2],,node3", ["empty entry"]),
+    ("node[1-99999999]", ["99999999 hosts", f"at most {MAX_HOSTS}"]),
+    ("node[1-9999999999999]", ["too large"]),
+    ("@group", ["nothing before '@'"]),  # never a ClusterShell group read from /etc/clustershell
+])
+def test_a_bad_range_names_its_file_and_line(tmp_path: Path, line: str, words: list[str]) -> None:
+    for name, reader in (("gpus", read_gpus), ("hosts", read_hosts)):
+        path = write(tmp_path, f"node0\n{line}\n", name)
+        raises_at(f"{path}:2", *words, call=lambda: reader(path))  # noqa: B023
+
+
+def test_a_huge_range_is_refused_at_once_without_building_its_names(tmp_path: Path) -> None:
+    import time
+
+    path = write(tmp_path, "n[1-99999999]\n", "gpus")
+    start = time.monotonic()
+    raises_at(f"{path}:1", "99999999 hosts", call=lambda: read_gpus(path))
+    assert time.monotonic() - start < 1  # NodeSet would take minutes and gigabytes to build them
+
+
+def test_the_host_limit_counts_the_whole_file(tmp_path: Path) -> None:
+    half = MAX_HOSTS // 2
+    assert len(read_gpus(write(tmp_path, f"a[1-{half}]\nb[1-{half}]\n", "gpus"))) == MAX_HOSTS
+    path = write(tmp_path, f"a[1-{half}]\nb[1-{half}]\nc\n", "gpus")
+    raises_at(f"{path}:3", "too many hosts", call=lambda: read_gpus(path))
+    path = write(tmp_path, f"a[1-{half}]\nb[1-{half // 2}] slots=4\n", "gpus")  # slots count too
+    raises_at(f"{path}:2", f"at most {MAX_HOSTS}", call=lambda: read_gpus(path))
+
+
+@given(st.lists(st.integers(0, 300), min_size=1, max_size=12, unique=True), st.integers(1, 4))
+def test_a_range_reads_as_the_lines_it_stands_for(numbers: list[int], width: int) -> None:
+    numbers.sort()
+    written = ",".join(str(n).zfill(width) for n in numbers)
+    names = [f"n{str(n).zfill(width)}.lab" for n in numbers]
+    assert specs(expand(f"u@n[{written}].lab:2200", "x")) == [f"u@{name}:2200" for name in names]
+
+
+# --- host flags: a file, or hosts inline --------------------------------------------------------------
+
+
+def test_an_existing_file_is_read_as_a_file_even_if_its_name_looks_like_hosts(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "node7\n", "node[1-2]")
+    assert specs(hosts_from("node[1-2]")) == ["node7"]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("node[1-3]", [("node1", None), ("node2", None), ("node3", None)]),
+    ("node1,bob@node2:22", [("node1", None), ("bob@node2:22", None)]),
+    ("gpu[01-02] slots=8", [("gpu01", 8), ("gpu02", 8)]),
+    ("localhost,", [("localhost", None)]),  # one host inline: a trailing comma
+])
+def test_hosts_inline_read_as_one_line_of_a_hosts_file(value: str, expected: list[tuple[str, int | None]],
+                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert [(h.spec, h.slots) for h in hosts_from(value)] == expected
+
+
+def test_gpus_inline_is_one_gpu_per_host_or_slots_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert specs(gpus_from("node[1-2],node1")) == ["node1", "node2", "node1"]
+    assert specs(gpus_from("node[1-2] slots=2")) == ["node1", "node1", "node2", "node2"]
+
+
+@pytest.mark.parametrize("value", ["gpus.txt", "node1", "hosts-typo", "./cluster/gpus"])
+def test_a_missing_file_never_becomes_a_host(value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for reader, flag in ((gpus_from, "--gpus"), (hosts_from, "--hosts")):
+        with pytest.raises(UsageError) as info:
+            reader(value)
+        assert info.value.where == value and info.value.problem.startswith("no such file")
+        assert f"{flag} 'node[1-3]'" in info.value.problem and f"{flag} node1," in info.value.problem
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ("node[1-3", ["brackets must pair up"]),
+    ("node[1-2],node1", ["'node1' is listed twice"]),
+    ("node[1-2] slots=0", ["slots must be a positive integer"]),
+    ("node[1-2] extra", ["whitespace"]),
+    (",", ["empty entry"]),
+])
+def test_a_bad_inline_value_names_the_flag(value: str, words: list[str], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError) as info:
+        hosts_from(value)
+    assert info.value.where == "--hosts"
+    assert all(word in info.value.problem for word in words), info.value.problem

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -289,3 +290,21 @@ def test_ctrl_c_during_the_launch_rolls_back_and_a_slow_host_starts_nothing_late
             assert not live_pids(job)
         finally:
             proc.kill()
+
+
+def test_a_workdir_under_home_is_the_hosts_home_not_this_machines(fab: Fab, job: str, tmp_path: Path) -> None:
+    # The fake hosts share this machine's HOME, so `~/...` there is the same directory: the check is that
+    # `~` reaches the host unexpanded and is expanded there (a quoted '~' would be a directory named ~).
+    where = Path.home() / f".fablaunch-test-{job}"
+    where.mkdir(exist_ok=True)
+    try:
+        shutil.copy(fab.cwd / "probe.py", where)
+        fab.write("gpus", "node1")
+        result = fab("launch-gpus", "--job", job, "--port", str(master_port()), "--workdir", f"~/{where.name}",
+                     "--wait", "--", "probe.py")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert json.loads((where / "out" / "0.json").read_text())["cwd"] == str(where)
+        missing = fab("launch-gpus", "--job", job, "--workdir", "~/no-such-dir-of-fablaunch", "--", "probe.py")
+        assert missing.returncode == 1 and "workdir: ~/no-such-dir-of-fablaunch does not exist" in missing.stdout
+    finally:
+        shutil.rmtree(where, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import fields
 from datetime import datetime
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fablaunch.environment import DEFAULT_FORWARD
 from fablaunch.errors import UsageError
 from fablaunch.hostfile import MAX_SLOTS
 from fablaunch.spec import (
@@ -29,6 +31,14 @@ from fablaunch.spec import (
 )
 
 CMD = ["train.py", "--lr", "1e-3"]
+
+
+@pytest.fixture(autouse=True)
+def no_forwarded_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests pin what a spec and flags give; the shell's NCCL_*, PYTHON* ... would add to every env."""
+    for key in list(os.environ):
+        if key.startswith(DEFAULT_FORWARD):
+            monkeypatch.delenv(key)
 
 
 def spec_file(tmp_path: Path, text: str) -> str:
@@ -694,15 +704,17 @@ def test_the_readme_documents_every_spec_key() -> None:
     assert "`name:`" in section and "deprecated" in section
 
 
-def test_the_readme_example_spec_is_complete_and_valid(tmp_path: Path) -> None:
+def test_the_readme_example_spec_is_complete_and_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     match = re.search(r"```yaml\n(.*?)```", readme_spec_section(), re.S)
     assert match, "no ```yaml block in the README's Job spec section"
     path = spec_file(tmp_path, match.group(1))
     warnings: list[str] = []
     data = read_spec(path, warn=warnings.append)
     assert warnings == []
-    # every option, `job:` as `name` (port_given is not one: it records whether `port` was)
-    assert sorted(data) == sorted(f.name for f in fields(JobSpec) if f.name != "port_given")
+    # every option, `job:` as `name` (port_given and env_sources are not: they record where values came from)
+    assert sorted(data) == sorted(f.name for f in fields(JobSpec) if f.name not in ("port_given", "env_sources"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "team.env").write_text("TEAM=1\n")  # the example's env_file
     spec = build_spec(path, [])
     assert spec.name == "bert-large"
     assert spec.env["LR_SCALE"] == "1.10" and spec.env["DETERMINISTIC"] == "on"
