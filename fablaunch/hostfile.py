@@ -291,8 +291,8 @@ def _split_fields(text: str, where: str) -> tuple[str, int | None, tuple[tuple[s
     for field in rest:
         key, sep, value = field.partition("=")
         if not sep:
-            raise UsageError(where, f"{field!r} after the host {host!r} is neither slots=N nor KEY=VALUE "
-                                    "(and a host name has no whitespace inside)")
+            raise UsageError(where, f"{text.strip()!r} is not a valid host: whitespace inside (after the host "
+                                    "only slots=N and KEY=VALUE words may follow)")
         if key == "slots":
             if slots is not None:
                 raise UsageError(where, "slots= is given twice")

@@ -139,6 +139,8 @@ def with_world(done: Relaunch, path: Path) -> JobSpec:
                    host_env=host_env)
     if done.mode == "gpus":
         return replace(spec, gpus=str(path))
+    if all(host_of(line).slots for line in done.after):  # each node's workers as the run before had them
+        spec = replace(spec, nproc_per_node=None)
     return replace(spec, hosts=str(path))
 
 

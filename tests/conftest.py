@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,6 +67,13 @@ def alive(pid: int) -> bool:
 def live_pids(job: str) -> list[int]:
     """Tagged processes that are still running (zombies waiting for a slow reaper do not count)."""
     return [p for p in tagged_pids(job) if alive(p)]
+
+
+def outputs(workdir: Path, count: int, timeout: float = 150, name: str = "{rank}.json") -> list[dict[str, Any]]:
+    """Wait for every rank's out/<name> (probe.py, dump.py: <rank>.json) and return them in rank order."""
+    paths = [workdir / "out" / name.format(rank=r) for r in range(count)]
+    wait_until(lambda: all(p.exists() for p in paths), timeout)
+    return [json.loads(p.read_text()) for p in paths]
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 60, interval: float = 0.2) -> object:

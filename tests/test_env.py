@@ -15,7 +15,7 @@ import pytest
 from fablaunch import environment
 from fablaunch.errors import UsageError
 from fablaunch.spec import build_spec
-from tests.conftest import Fab, live_pids, master_port, wait_until
+from tests.conftest import Fab, live_pids, master_port, outputs, wait_until
 
 # --- forwarding -----------------------------------------------------------------------------------------------
 
@@ -127,14 +127,6 @@ def test_bad_environment_keys_in_a_spec_exit_2_naming_the_key(tmp_path: Path, te
 # --- on the cluster -----------------------------------------------------------------------------------------------
 
 
-def _seen(cwd: Path, ranks: int) -> list[dict[str, str]]:
-    def done() -> list[dict[str, str]] | None:
-        files = [cwd / "out" / f"env-{r}.json" for r in range(ranks)]
-        return [json.loads(f.read_text()) for f in files] if all(f.exists() for f in files) else None
-
-    found = wait_until(done, timeout=60)
-    assert isinstance(found, list)
-    return found
 
 
 def test_a_rank_sees_every_layer_in_order_and_its_hosts_own_values(fab: Fab, job: str) -> None:
@@ -147,7 +139,7 @@ def test_a_rank_sees_every_layer_in_order_and_its_hosts_own_values(fab: Fab, job
     result = fab("launch-gpus", "--job", job, "--spec", "spec.yaml", "--port", str(master_port()),
                  "--env", "TEAM=flag", "--", "envdump.py")
     assert result.returncode == 0, result.stdout + result.stderr
-    first, second = _seen(fab.cwd, 2)
+    first, second = outputs(fab.cwd, 2, name="env-{rank}.json")
     for seen in (first, second):
         assert seen["NCCL_DEBUG"] == "INFO" and seen["WANDB_API_KEY"] == "wandb-secret-42"  # forwarded
         assert seen["NCCL_ALGO"] == "file" and seen["TEAM"] == "flag"
@@ -220,7 +212,7 @@ def test_a_host_lines_variables_win_over_the_specs_host_env_and_reach_the_rank(f
     result = fab("launch-gpus", "--job", job, "--spec", "spec.yaml", "--port", str(master_port()), "--",
                  "envdump.py")
     assert result.returncode == 0, result.stdout + result.stderr
-    first, second = _seen(fab.cwd, 2)
+    first, second = outputs(fab.cwd, 2, name="env-{rank}.json")
     assert first["NCCL_SOCKET_IFNAME"] == "from-line" and first["ONLY_SPEC"] == "x"
     assert "NCCL_SOCKET_IFNAME" not in second
     wait_until(lambda: not live_pids(job), 30)

@@ -15,17 +15,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.cluster import Cluster
-from tests.conftest import FAB, JOBS, REPO, SSH_PORT, Fab, live_pids, master_port, sessions, slow_path, wait_until
+from tests.conftest import (
+    FAB,
+    JOBS,
+    REPO,
+    SSH_PORT,
+    Fab,
+    live_pids,
+    master_port,
+    outputs,
+    sessions,
+    slow_path,
+    wait_until,
+)
 
 NASTY = ["a b", "'", '"', "$HOME", "`id`", "$(id)", "a;b", "x|y", "&&", "\\", "line\nbreak", "tab\there", "é",
          "日本語", "🚀", "-", "--flag=--", "", "*", "~", "#no comment", "%s", "{a,b}"]
 
 
-def outputs(workdir: Path, count: int, timeout: float = 150) -> list[dict]:
-    """Wait for every rank's out/<rank>.json and return them in rank order."""
-    out = workdir / "out"
-    wait_until(lambda: out.is_dir() and len(list(out.glob("*.json"))) == count, timeout)
-    return [json.loads((out / f"{r}.json").read_text()) for r in range(count)]
 
 
 def test_per_gpu_job_over_three_interleaved_hosts_gets_the_torchrun_environment(fab: Fab, job: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 from fablaunch import relaunch
 from fablaunch.errors import UsageError
 from fablaunch.survey import SessionState
-from tests.conftest import JOBS, Fab, live_pids, master_port, wait_until
+from tests.conftest import JOBS, Fab, live_pids, master_port, outputs, wait_until
 
 SPEC = {"command": ["t.py"], "env": {"A": "1"}}
 
@@ -68,14 +68,6 @@ def test_exclude_failed_drops_the_first_failures_host_and_the_silent_ones_only()
 # --- on the cluster -----------------------------------------------------------------------------------------------
 
 
-def outputs(cwd: Path, ranks: int) -> list[dict[str, Any]]:
-    def done() -> list[dict[str, Any]] | None:
-        files = [cwd / "out" / f"{r}.json" for r in range(ranks)]
-        return [json.loads(f.read_text()) for f in files] if all(f.exists() for f in files) else None
-
-    found = wait_until(done, timeout=90)
-    assert isinstance(found, list)
-    return found
 
 
 def test_relaunch_without_the_failed_host_runs_a_smaller_world_that_all_reduces(fab: Fab, job: str) -> None:
@@ -168,3 +160,11 @@ def test_a_relaunch_keeps_the_gpus_a_selection_pinned_and_does_not_select_again(
     again = relaunch.with_world(done, tmp_path / "j.gpus")
     assert again.include is None and again.gpus == str(tmp_path / "j.gpus")
     assert again.host_env == {"n1": {"CUDA_VISIBLE_DEVICES": "2,3"}}
+
+
+def test_a_torchrun_relaunch_keeps_each_nodes_workers_as_they_were(tmp_path: Path) -> None:
+    rec = record(["n1 slots=2", "n2 slots=2", "n3 slots=2"], "torchrun",
+                 spec={**SPEC, "nproc_per_node": "4", "include": "n1:0,1@n2:0,1@n3:0,1"})
+    again = relaunch.with_world(relaunch.plan(rec, {"n3": "x"}, allow_smaller=True), tmp_path / "j.hosts")
+    assert again.nproc_per_node is None and again.include is None  # the world's slots=2 count, not 4 again
+    assert (tmp_path / "j.hosts").exists() is False  # with_world only plans; world_file writes

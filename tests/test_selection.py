@@ -19,7 +19,7 @@ from fablaunch.launcher import make_plan
 from fablaunch.plan import Plan
 from fablaunch.selection import DEVICES_VAR, Selection, parse_filter, select, spans, world_of
 from fablaunch.spec import JobSpec
-from tests.conftest import JOBS, Fab, live_pids, master_port, sessions, wait_until
+from tests.conftest import JOBS, Fab, live_pids, master_port, outputs, sessions, wait_until
 from tests.slurm_cluster import SlurmCluster
 from tests.test_faults_input import Case, run_case
 from tests.test_slurm import SlurmFab
@@ -297,11 +297,6 @@ def test_spans_are_compact(numbers: list[int], text: str) -> None:
 # --- on the fake cluster: real `fab` command lines ----------------------------------------------------------
 
 
-def outputs(workdir: Path, count: int, timeout: float = 60) -> dict[int, dict]:
-    """Every rank's out/<RANK>.json (dump.py) by rank, once `count` are there."""
-    out = workdir / "out"
-    wait_until(lambda: out.is_dir() and len(list(out.glob("*.json"))) == count, timeout)
-    return {int(p.stem): json.loads(p.read_text()) for p in out.glob("*.json")}
 
 
 def test_a_gpus_file_of_ranges_runs_the_ranks_its_lines_stand_for(fab: Fab, job: str) -> None:
@@ -366,9 +361,9 @@ def test_torchrun_without_the_first_host_and_a_gpu_meets_at_the_next_host(fab: F
     assert sessions(fab.cluster, job) == {"node1": [], "node2": [f"{job}-node-0"], "node3": [f"{job}-node-1"]}
     ranks = outputs(fab.cwd, 3, timeout=240)
     by_host = sorted((r["env"]["FABLAUNCH_HOST"], r["env"]["LOCAL_RANK"], r["env"].get(DEVICES_VAR))
-                     for r in ranks.values())
+                     for r in ranks)
     assert by_host == [("node2", "0", None), ("node2", "1", None), ("node3", "0", "1")]
-    assert {r["env"]["WORLD_SIZE"] for r in ranks.values()} == {"3"}
+    assert {r["env"]["WORLD_SIZE"] for r in ranks} == {"3"}
     script = (JOBS / job / "node3" / "node-1.sh").read_text()  # the rendezvous is on node2, the first one left
     assert "--rdzv-endpoint 127.0.0.12:" in script and "--nnodes 2 --nproc-per-node 1 " in script
 

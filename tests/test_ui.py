@@ -245,6 +245,7 @@ def test_nothing_to_stop_on_one_host(monkeypatch: pytest.MonkeyPatch) -> None:
 def doctor_results() -> dict[str, dict[str, doctor.Check]]:
     def checks(torch: str, gpus: doctor.Check, port: doctor.Check) -> dict[str, doctor.Check]:
         return {"ssh": doctor.ok(0.04, "0.04s"), "tmux": doctor.ok("3.4"), "workdir": doctor.ok(True, "812.3 GiB"),
+                "code": doctor.ok(True, "matches"),
                 "python": doctor.ok("3.11.7"), "torch": doctor.ok(torch), "cuda": doctor.ok("12.4"),
                 "nccl": doctor.ok("2.21.5"), "gpus": gpus, "port": port, "tcp": doctor.ok(True, "ok"),
                 "clock": doctor.ok(0.01, "+0.01±0.00s"), "nofile": doctor.ok(1048576, "1048576"),
