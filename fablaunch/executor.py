@@ -47,6 +47,8 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 RETRIES = 4
 # Connect deadline when neither `fab -t`, `timeouts.connect` nor ssh_config's ConnectTimeout sets one.
 CONNECT_SECONDS = 10.0
+# How often a connected transport's thread wakes when nothing arrives (paramiko's own: 0.1; see _poll_less).
+TRANSPORT_POLL_SECONDS = 1.0
 T = TypeVar("T")
 # A call's deadline: seconds, None for none, or ... (the default) for the executor's.
 DeadlineArg = float | EllipsisType | None
@@ -147,6 +149,54 @@ def _handshake_timeout(exc: BaseException, late: bool) -> bool:
     return late and isinstance(exc, paramiko.SSHException) and not isinstance(exc, paramiko.AuthenticationException)
 
 
+def _poll_less(conn: Any) -> None:
+    """Let a connected transport's thread wake once a second instead of ten times, once it is connected.
+
+    paramiko's thread reads its socket with a 0.1 s timeout, only to look at its keepalive, rekey and
+    handshake timers between packets. A launch holds a connection per host for its whole run, so at
+    256 hosts that polling alone cost 76 ms of CPU per second (most of the launcher's CPU over a long
+    launch), 8 ms once a second. The handshake, whose timeouts need the fine steps, is over by now;
+    close() still ends at once (it does not wait for the thread, a daemon); a keepalive still goes out
+    within a second of being due. Only plain sockets are touched (not a ProxyJump channel).
+    """
+    transport = conn.client.get_transport()
+    sock = getattr(transport, "sock", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.settimeout(TRANSPORT_POLL_SECONDS)
+
+
+def _quick_ssh_config(config: Any) -> None:
+    """Make the config's ssh_config lookups skip paramiko's per-stanza user name look-up; same answers.
+
+    paramiko's lookup asks every `Host` stanza's Match list, and each ask first reads the local user
+    name (getpass: environment, then the password database) even when the list is empty, as it is
+    for every plain `Host` stanza. One Connection per host against an ssh_config with a stanza per
+    host is then quadratic: 1.8 s of CPU at 256 hosts, 0.3 s without the empty asks (which can only
+    answer "no match"). Only paramiko's own class is changed, in place; a subclass of the user's is
+    left alone.
+    """
+    from paramiko.config import SSHConfig
+
+    ssh_config = getattr(config, "base_ssh_config", None)
+    if type(ssh_config) is SSHConfig:
+        ssh_config.__class__ = _quick_ssh_config_class()
+
+
+@functools.cache
+def _quick_ssh_config_class() -> type:
+    """paramiko's SSHConfig answering an empty Match list without work (built on first use: paramiko is
+    imported only where a connection is made)."""
+    from paramiko.config import SSHConfig
+
+    class QuickSSHConfig(SSHConfig):
+        def _does_match(self, match_list: Any, *args: Any, **kwargs: Any) -> Any:
+            # paramiko's own answer for an empty list, after reading the user name it never uses.
+            return [] if not match_list else super()._does_match(match_list, *args, **kwargs)
+
+    return QuickSSHConfig
+
+
 def _retryable(exc: BaseException) -> bool:
     """Handshakes dropped by a busy sshd (MaxStartups) or a reset: worth another try.
 
@@ -236,12 +286,20 @@ class _Watch:
 class Executor:
     """A pool of per-host connections that runs one command (and stdin) per host at once."""
 
-    def __init__(self, config: Any, parallel: int = 32, deadline: float | None = None, patient: bool = False) -> None:
+    def __init__(self, config: Any, parallel: int = 32, deadline: float | None = None, patient: bool = False,
+                 keeper: bool = False) -> None:
         """`deadline`: seconds each host's command may take (None: no limit); `fab -T N` replaces it.
 
         `patient`: the deadline only cuts hosts whose shell has not started its script by then.
+        `keeper`: calls marked `read_only` may go through the user's keeper of kept connections and
+        shells (fablaunch/keeper.py), falling back to direct connections on any doubt.
         """
         self.config = config
+        self.keeper: Any = None
+        if keeper:
+            from .keeper import Client  # imports this module: only here
+
+            self.keeper = Client.for_config(config)
         self.parallel = parallel
         # The user's `fab -T` (Invoke's command timeout) wins over the caller's default.
         self.deadline = _configured(config, "timeouts", "command") or deadline
@@ -275,6 +333,8 @@ class Executor:
         for shell in live:
             with contextlib.suppress(Exception):
                 shell.kill()
+        if self.keeper is not None:
+            self.keeper.close()  # requests waiting on the keeper end too
         self._pool.shutdown(wait=False, cancel_futures=True)
         for conn in list(self._connections.values()):
             with contextlib.suppress(Exception):
@@ -299,6 +359,7 @@ class Executor:
         deadline: DeadlineArg = ...,
         patient: bool | None = None,
         on_line: Callable[[str, str], None] | None = None,
+        read_only: bool = False,
     ) -> dict[str, Outcome]:
         """Run each host's (command, stdin) and return outcomes keyed by host spec.
 
@@ -306,23 +367,30 @@ class Executor:
         `on_line(host spec, line)` in a worker thread as each stdout line arrives.
         `deadline`/`patient` replace the executor's for this call (None: no deadline).
         A KeyboardInterrupt propagates at once; `close()` (the end of `with Executor`) ends the hosts
-        still running.
+        still running. `read_only`: see run_one.
         """
         return self._gather({h.spec: functools.partial(self.run_one, h, cmd, stdin,
                                                        on_line and functools.partial(on_line, h.spec),
-                                                       deadline=deadline, patient=patient)
+                                                       deadline=deadline, patient=patient, read_only=read_only)
                              for h, (cmd, stdin) in commands.items()}, on_done)
 
     def run_one(self, host: Host, command: str, stdin: str | None = None,
                 on_output: Callable[[str], None] | None = None, *,
-                deadline: DeadlineArg = ..., patient: bool | None = None) -> Outcome:
+                deadline: DeadlineArg = ..., patient: bool | None = None, read_only: bool = False) -> Outcome:
         """Run one command on one host; never raises for host-side problems.
 
         `on_output` gets each stdout line as it arrives; following output forever needs a patient
-        deadline or `deadline=None`.
+        deadline or `deadline=None`. `read_only`: the caller says the payload changes nothing, so an
+        executor made with `keeper=True` may run it over a kept connection and shell (one answer, no
+        streaming); without an answer from there it runs here, within what is left of the deadline.
         """
-        return self._attempt(host, lambda watch: self._start(host, command, watch).finish(stdin, on_output),
-                             _Watch(*self._limit(deadline, patient)))
+        watch = _Watch(*self._limit(deadline, patient))
+        if (read_only and self.keeper is not None and command == REMOTE_SHELL and not host.is_local
+                and watch.seconds is not None and not watch.patient):
+            kept = self.keeper.run(host, stdin, watch, on_output)
+            if kept is not None:
+                return kept
+        return self._attempt(host, lambda watch: self._start(host, command, watch).finish(stdin, on_output), watch)
 
     def hold(self, commands: Mapping[Host, tuple[str, str]], *,
              deadline: DeadlineArg = ...) -> dict[str, Held]:
@@ -470,6 +538,7 @@ class Executor:
             # (seen: "No attribute or config key found for 'user'" under 32 threads); the handshake in
             # open() is what takes time, and that stays parallel.
             with self._build_lock:
+                _quick_ssh_config(self.config)
                 conn = Connection(host.name.strip("[]"), user=host.user, port=host.port, config=self.config)
             seconds = self._connect_seconds(conn)
             if budget is not None:
@@ -496,6 +565,7 @@ class Executor:
                 if attempt == RETRIES - 1 or not _retryable(exc) or time.monotonic() - start + pause >= seconds:
                     raise
                 time.sleep(pause)
+        _poll_less(conn)
         with self._lock:
             self._connections[host.spec] = conn
         return conn

@@ -83,8 +83,11 @@ class Backend(Protocol):
 
     def files_host(self, state: SessionState) -> Host | None: ...
 
-    def on_nodes(self, payload_for: Callable[[Host], str]) -> dict[str, Outcome]:
-        """Run a payload on every node the job may run on (each node's own); Outcomes by node."""
+    def on_nodes(self, payload_for: Callable[[Host], str], read_only: bool = False) -> dict[str, Outcome]:
+        """Run a payload on every node the job may run on (each node's own); Outcomes by node.
+
+        `read_only`: the payload changes nothing (it may go through the keeper, see Executor.run_one).
+        """
         ...
 
     def alive(self, job: str) -> str:
@@ -109,8 +112,8 @@ class SshBackend:
     def files_host(self, state: SessionState) -> Host | None:
         return next((h for h in self.hosts if h.spec == state.host), None)
 
-    def on_nodes(self, payload_for: Callable[[Host], str]) -> dict[str, Outcome]:
-        return self.ex.run({h: (REMOTE_SHELL, payload_for(h)) for h in self.hosts})
+    def on_nodes(self, payload_for: Callable[[Host], str], read_only: bool = False) -> dict[str, Outcome]:
+        return self.ex.run({h: (REMOTE_SHELL, payload_for(h)) for h in self.hosts}, read_only=read_only)
 
     def alive(self, job: str) -> str:
         return f"{tmux.list_command(job)} | grep -q ."
@@ -142,7 +145,7 @@ class SlurmBackend:
     def files_host(self, state: SessionState) -> Host | None:
         return LOCAL  # the shared directory, read here
 
-    def on_nodes(self, payload_for: Callable[[Host], str]) -> dict[str, Outcome]:
+    def on_nodes(self, payload_for: Callable[[Host], str], read_only: bool = False) -> dict[str, Outcome]:
         """Through a step of each running job (`srun --overlap`); a job not running is one failed Outcome."""
         found: dict[str, Outcome] = {}
         for rec in self.recs:
@@ -194,7 +197,7 @@ def current(states: list[SessionState]) -> list[SessionState]:
 
 def _ssh_survey(ex: Executor, hosts: list[Host], job: str | None) -> Survey:
     """Ask every host what its sessions are doing; unreachable hosts' recorded sessions are `unknown`."""
-    outcomes = ex.run({h: (REMOTE_SHELL, survey.payload(h, job)) for h in hosts})
+    outcomes = ex.run({h: (REMOTE_SHELL, survey.payload(h, job)) for h in hosts}, read_only=True)
     states: list[SessionState] = []
     unreachable: dict[str, str] = {}
     for host in hosts:
@@ -392,7 +395,8 @@ def show_logs(ex: Executor, hosts: list[Host], job: str, ranks: list[int], only_
     def one(spec: str) -> Outcome:
         backend = readers[per_host[spec][0].state.backend]
         return ex.run_one(by_host[spec], REMOTE_SHELL,
-                          logs_payload(per_host[spec], lines, follow, backend.alive(job)), printer)
+                          logs_payload(per_host[spec], lines, follow, backend.alive(job)), printer,
+                          read_only=not follow)
 
     threads = [threading.Thread(target=one, args=(spec,), daemon=True) for spec in per_host]
     for t in threads:

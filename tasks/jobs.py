@@ -51,6 +51,8 @@ TARGET_HELP = {
             "the launch records' hosts).",
     "parallel": "Hosts contacted at once (default 32).",
 }
+KEEPER_HELP = ("Connect directly, not through the keeper of connections and shells kept between calls "
+               "(fablaunch/keeper.py; FABLAUNCH_KEEPER=0 turns it off everywhere).")
 
 
 def _age(seconds: float | None) -> str:
@@ -176,9 +178,10 @@ def report(result: Survey, only: set[str] | None = None, fold: bool = False, now
 
 @task(help={**TARGET_HELP, "json": "Print a JSON list, one object per session, instead of tables.",
             "job": "Job name (default: the jobs launched from this directory, newest first).",
-            "all": "Every job on the hosts, other projects' and long-finished ones too."})
+            "all": "Every job on the hosts, other projects' and long-finished ones too.",
+            "no_keeper": KEEPER_HELP})
 @usage_errors
-def status(c, job=None, hosts=None, gpus=None, json_=False, parallel=None, all_=False):
+def status(c, job=None, hosts=None, gpus=None, json_=False, parallel=None, all_=False, no_keeper=False):
     """Show every session of this project's jobs (or of one job): state, exit code or signal, run time, last log line.
 
     States: running, succeeded, failed (exit code), killed (signal), lost (session gone without an exit
@@ -187,7 +190,7 @@ def status(c, job=None, hosts=None, gpus=None, json_=False, parallel=None, all_=
     directory are only counted; --all shows everything.
     """
     host_list = targets(job, hosts, gpus)
-    with Executor(c.config, parallel_flag(parallel), deadline=20) as ex:
+    with Executor(c.config, parallel_flag(parallel), deadline=20, keeper=not no_keeper) as ex:
         result = take_survey(ex, host_list, job)
     recorded = {r["job"] for r in records.load_all()}
     only = None if all_ or job is not None or not recorded else recorded
@@ -205,12 +208,12 @@ def status(c, job=None, hosts=None, gpus=None, json_=False, parallel=None, all_=
           "rank": "Only this global rank: a per-GPU session, or the one torchrun worker with that RANK; repeatable.",
           "node": "Only this node: its session (torchrun: the agent's log and every worker's); repeatable.",
           "host": "Only sessions on this host; repeatable.", "tail": "Lines per file (default 50).",
-          "follow": "Keep streaming from every host until Ctrl-C or the job ends."},
+          "follow": "Keep streaming from every host until Ctrl-C or the job ends.", "no_keeper": KEEPER_HELP},
     iterable=["rank", "node", "host"],
 )
 @usage_errors
 def logs(c, job=None, rank=None, node=None, host=None, tail=None, follow=False, hosts=None, gpus=None,
-         parallel=None):
+         parallel=None, no_keeper=False):
     """Print the ranks' output, each line prefixed with host and rank, from the per-rank log files.
 
     In torchrun mode, torchrun's own per-worker files are shown too, prefixed with both numbers:
@@ -222,7 +225,7 @@ def logs(c, job=None, rank=None, node=None, host=None, tail=None, follow=False, 
     host_list = targets(job, hosts, gpus)
     ranks = [int_flag(r, "--rank") for r in rank or []]
     nodes = [int_flag(k, "--node") for k in node or []]
-    with Executor(c.config, parallel_flag(parallel), deadline=20, patient=follow) as ex:
+    with Executor(c.config, parallel_flag(parallel), deadline=20, patient=follow, keeper=not no_keeper) as ex:
         unreachable = show_logs(ex, host_list, job or latest_job(ex, host_list), [r for r in ranks if r is not None],
                                 list(host or []), int_flag(tail, "--tail", 50) or 0, follow,
                                 nodes=[k for k in nodes if k is not None])
@@ -249,7 +252,7 @@ def attach(c, rank=None, node=None, host=None, job=None, hosts=None, gpus=None):
         raise UsageError("--rank/--node/--host", "say which session: --rank N, --node K or --host HOST")
     number, node_number = int_flag(rank, "--rank"), int_flag(node, "--node")
     host_list = targets(job, hosts, gpus)
-    with Executor(c.config, DEFAULT_PARALLEL, deadline=20) as ex:
+    with Executor(c.config, DEFAULT_PARALLEL, deadline=20, keeper=True) as ex:
         job = job or latest_job(ex, host_list)
         result = take_survey(ex, host_list, job)
     mine = [s for s in result.states if s.job == job]
@@ -413,16 +416,18 @@ def wait_for(c: Any, ex: Executor, hosts: list[Host], job: str, timeout: float |
             "timeout": "Give up after this many seconds with exit code 124, leaving the job running.",
             "fail_fast": "As soon as one rank fails, stop the rest instead of waiting out NCCL timeouts.",
             "hosts": TARGET_HELP["hosts"], "gpus": TARGET_HELP["gpus"], "parallel": TARGET_HELP["parallel"],
-            "json": "Print a JSON object at the end (job, exit_code, sessions as in status --json), no live view."})
+            "json": "Print a JSON object at the end (job, exit_code, sessions as in status --json), no live view.",
+            "no_keeper": KEEPER_HELP})
 @usage_errors
-def wait(c, job=None, timeout=None, fail_fast=False, hosts=None, gpus=None, parallel=None, json_=False):
+def wait(c, job=None, timeout=None, fail_fast=False, hosts=None, gpus=None, parallel=None, json_=False,
+         no_keeper=False):
     """Show a job live until every rank has ended; exit 0 if all succeeded, else the first failure's code.
 
     A rank killed by a signal gives 1; --timeout gives 124.
     """
     host_list = targets(job, hosts, gpus)
     limit = seconds_flag(timeout, "--timeout")
-    with Executor(c.config, parallel_flag(parallel), deadline=30) as ex:
+    with Executor(c.config, parallel_flag(parallel), deadline=30, keeper=not no_keeper) as ex:
         name = job or latest_job(ex, host_list)
         if json_:
             try:
@@ -447,7 +452,7 @@ def errors_(c, job=None, json_=False, hosts=None, gpus=None, parallel=None):
     Exits 1 if a host could not be asked (its failures are missing).
     """
     host_list = targets(job, hosts, gpus)
-    with Executor(c.config, parallel_flag(parallel), deadline=20) as ex:
+    with Executor(c.config, parallel_flag(parallel), deadline=20, keeper=True) as ex:
         name = job or latest_job(ex, host_list)
         result = take_survey(ex, host_list, name)
     found = failures.collect([s for s in result.states if s.job == name])

@@ -32,7 +32,7 @@ from fablaunch.scripts import sh
 from fablaunch.survey import SessionState
 
 from .flags import parallel_flag, seconds_flag, task, usage_errors
-from .jobs import TARGET_HELP
+from .jobs import KEEPER_HELP, TARGET_HELP
 
 SEP = survey.SEP
 GPU_FIELDS = ("index", "uuid", "utilization.gpu", "power.draw", "power.limit", "memory.used", "memory.total")
@@ -400,7 +400,7 @@ def sample(ex: Executor, hosts: list[Host], job: str | None, stall: float) -> Sn
     ages: dict[str, dict[str, float]] = {}
     for backend in backends(ex, hosts, job) if job else [SshBackend(ex, hosts)]:
         over_ssh = backend.name == "ssh"
-        outcomes = backend.on_nodes(functools.partial(payload, job=job if over_ssh else None))
+        outcomes = backend.on_nodes(functools.partial(payload, job=job if over_ssh else None), read_only=True)
         for spec, o in outcomes.items():
             if not o.reached:
                 snap.samples.append(HostSample(spec, UNREACHABLE, o.why().removeprefix("unreachable: ")))
@@ -521,10 +521,12 @@ def _interval(value: Any) -> float:
           "interval": f"Seconds between refreshes (default {DEFAULT_INTERVAL:g}).",
           "once": "Print one snapshot and exit (exit code 1 if a host is unreachable).",
           "json": "Print one snapshot as a JSON object (hosts, GPUs, totals, flagged ranks); implies --once.",
-          "stall": f"With --job: flag a rank whose log has been silent this many seconds (default {DEFAULT_STALL:g})."},
+          "stall": f"With --job: flag a rank whose log has been silent this many seconds (default {DEFAULT_STALL:g}).",
+          "no_keeper": KEEPER_HELP},
 )
 @usage_errors
-def top_(c, interval=None, once=False, json_=False, job=None, stall=None, hosts=None, gpus=None, parallel=None):
+def top_(c, interval=None, once=False, json_=False, job=None, stall=None, hosts=None, gpus=None, parallel=None,
+         no_keeper=False):
     """Show every host's GPUs live: utilisation, power against its limit, memory and compute processes.
 
     One row per host and one for the cluster, from `nvidia-smi` on every host at each refresh (one round
@@ -535,7 +537,7 @@ def top_(c, interval=None, once=False, json_=False, job=None, stall=None, hosts=
     every = _interval(interval)
     stall_s = seconds_flag(stall, "--stall", DEFAULT_STALL) or 0.0
     host_list = targets(job, hosts, gpus)
-    with Executor(c.config, parallel_flag(parallel), deadline=20) as ex:
+    with Executor(c.config, parallel_flag(parallel), deadline=20, keeper=not no_keeper) as ex:
         if once or json_:
             snap = sample(ex, host_list, job, stall_s)
             if json_:

@@ -70,8 +70,9 @@ class Cluster:
         name (e.g. one host with an `nvidia-smi` on its PATH and one without). The hosts named in
         `stuck` accept SSH connections but their remote shells never answer (see stuck_script).
         """
-        if size < 1 or base < 1 or base + size - 1 > 254:
-            raise ValueError(f"hosts 127.0.0.{base}..127.0.0.{base + size - 1} are not all valid")
+        # Addresses run 127.0.0.1-254, then 127.0.1.1-254 and so on (see address()): up to 65024 hosts.
+        if size < 1 or base < 1 or base + size - 1 > 254 * 256:
+            raise ValueError(f"hosts {base}..{base + size - 1} do not all fit in 127.0.0.0/16")
         self.root = Path(root).resolve()
         self.size = size
         self.port = port
@@ -101,8 +102,13 @@ class Cluster:
     # -- paths -------------------------------------------------------------------------------
 
     def address(self, name: str) -> str:
-        """Return the loopback address of a host ("127.0.0.11" for node1 when base=11)."""
-        return f"127.0.0.{self.base + self.names.index(name)}"
+        """Return the loopback address of a host ("127.0.0.11" for node1 when base=11).
+
+        Past 127.0.0.254 the next host is 127.0.1.1 (a benchmark's 256 hosts need more than one /24);
+        the .0 and .255 of each /24 are skipped, so no host looks like a network or broadcast address.
+        """
+        offset = self.base + self.names.index(name) - 1
+        return f"127.0.{offset // 254}.{offset % 254 + 1}"
 
     def host_dir(self, name: str) -> Path:
         """Return the directory holding one host's sshd config, pid file, log and tmux dir."""
@@ -257,6 +263,10 @@ class Cluster:
         if stat.rsplit(")", 1)[-1].split()[0] == "Z":
             return None
         return pid if str(self._sshd_config(name)).encode() in cmdline else None
+
+    def sshd_pid(self, name: str) -> int | None:
+        """The pid of one host's sshd listener (every process of the host descends from it), or None."""
+        return self._pid(name)
 
     def _kill(self, names: list[str]) -> None:
         """SIGTERM the sshd listeners of the named hosts, then wait until their ports refuse."""

@@ -26,6 +26,10 @@ JOBS = Path.home() / ".fablaunch" / "jobs"
 FAB = shutil.which("fab") or "fab"
 # Separate ports let two test runs (or a test run and a benchmark) share this machine.
 SSH_PORT = int(os.environ.get("FABLAUNCH_TEST_SSH_PORT", "2222"))
+# Every `fab` of the suite connects directly: its faults stop a host's sshd listener, which a kept
+# connection would outlive, and its leak checks count every process on a fake host. tests/test_keeper.py
+# turns the keeper on for its own tests.
+os.environ["FABLAUNCH_KEEPER"] = "0"
 _master_ports = itertools.count(int(os.environ.get("FABLAUNCH_TEST_MASTER_PORT", "29400")))
 
 

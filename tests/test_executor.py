@@ -194,3 +194,31 @@ def test_a_dropped_handshake_is_retried_within_the_connect_deadline_and_a_silent
         silent = ex.run_one(parse_host(f"root@127.0.0.36:{port}", "test"), REMOTE_SHELL, "")
         assert (silent.error, len(accepted)) == ("unreachable: no SSH banner within 1s", 1)
         assert time.monotonic() - start < 3
+
+
+def test_ssh_config_lookups_answer_as_paramikos_without_a_user_name_look_up_per_stanza(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One stanza per host made each Connection ask for the user name once per stanza (quadratic at 256
+    hosts); the quick lookup asks only where a Match needs it, and every answer stays paramiko's."""
+    import getpass
+
+    from fablaunch.executor import _quick_ssh_config
+
+    path = tmp_path / "ssh_config"
+    path.write_text("".join(f"Host node{i}\n  HostName 127.0.0.{i}\n  Port {2000 + i}\n\n" for i in range(1, 41))
+                    + "Match originalhost node7 user root\n  User seven\n\nMatch localuser nobody-here\n  Port 9\n\n"
+                    + "Host *.lab\n  User lab\n\nHost *\n  ConnectTimeout 7\n")
+    plain, quick = fabric.Config(runtime_ssh_path=str(path)), fabric.Config(runtime_ssh_path=str(path))
+    _quick_ssh_config(quick)
+    asked: list[str] = []
+    real = getpass.getuser
+    monkeypatch.setattr(getpass, "getuser", lambda: asked.append("?") or real())
+    for name in ["node1", "node7", "node40", "gpu.lab", "elsewhere"]:
+        fast, slow = fabric.Connection(name, config=quick), fabric.Connection(name, config=plain)
+        assert (fast.host, fast.port, fast.user, dict(fast.ssh_config)) == \
+               (slow.host, slow.port, slow.user, dict(slow.ssh_config))
+    asked.clear()
+    fabric.Connection("node40", config=quick)
+    assert len(asked) <= 5  # Fabric's default user, then the two Match stanzas in each of paramiko's two passes
+    fabric.Connection("node40", config=plain)
+    assert len(asked) > 80
