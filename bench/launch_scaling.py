@@ -159,7 +159,9 @@ class Bench:
         self.cfg = str(cluster.ssh_config)
         # fab runs with Python's bytecode cache, as after any install: a sandbox's PYTHONDONTWRITEBYTECODE
         # would make every run compile fablaunch afresh (start-up time, not launching).
-        self.fab_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        # And `status` is a first status, over fresh connections: bench/status_keeper.py measures the keeper.
+        self.fab_env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+                        "FABLAUNCH_KEEPER": "0"}
 
     def timed(self, cmd: list[str], env: dict[str, str] | None = None) -> Run:
         """measure() a command, and what the fake hosts spent meanwhile and in the second after it.

@@ -197,6 +197,39 @@ def _quick_ssh_config_class() -> type:
     return QuickSSHConfig
 
 
+def readable(sources: list[Any], timeout: float) -> list[Any]:
+    """Those of `sources` (sockets, paramiko channels: anything with fileno()) readable within `timeout`.
+
+    poll, not select.select: select cannot watch a descriptor numbered 1024 or more (FD_SETSIZE),
+    and a launch holds a socket per host and a pipe pair per channel read this way, so a few hundred
+    hosts pass that number.
+    """
+    poller = select.poll()
+    by_fd: dict[int, Any] = {}
+    for source in sources:
+        fd = source.fileno()
+        by_fd[fd] = source
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+    return [by_fd[fd] for fd, _ in poller.poll(max(timeout, 0.0) * 1000)]
+
+
+@functools.cache
+def more_descriptors() -> None:
+    """Raise this process's soft limit on open files to its hard limit (at most 65536), once.
+
+    Each host holds a socket, and each channel read a pipe pair, for a whole launch: a few hundred hosts
+    pass the soft limit of 1024 that many systems start with (EMFILE, "Too many open files"), while
+    the hard limit is far higher. Raising the soft limit up to the hard one needs no privilege.
+    """
+    import resource
+
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def _retryable(exc: BaseException) -> bool:
     """Handshakes dropped by a busy sshd (MaxStartups) or a reset: worth another try.
 
@@ -294,6 +327,7 @@ class Executor:
         `keeper`: calls marked `read_only` may go through the user's keeper of kept connections and
         shells (fablaunch/keeper.py), falling back to direct connections on any doubt.
         """
+        more_descriptors()
         self.config = config
         self.keeper: Any = None
         if keeper:
@@ -704,7 +738,7 @@ class _RemoteShell(_Shell):
 
     def _pump(self, on_output: Callable[[str], None] | None = None) -> bool:
         """Move what has arrived into the buffers; False once the command has ended and all is read."""
-        select.select([self.channel], [], [], 1.0)
+        readable([self.channel], 1.0)
         # Whether it had ended is read before draining: all data precedes the status and the close.
         ended = self.ended()
         self._drain(self.channel.recv_ready, self.channel.recv, self.out)

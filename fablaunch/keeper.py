@@ -78,7 +78,6 @@ import json
 import logging
 import os
 import secrets
-import select
 import signal
 import socket
 import stat
@@ -102,6 +101,7 @@ from .executor import (
     _text,
     _Watch,
     describe_error,
+    readable,
 )
 from .hostfile import Host
 
@@ -534,7 +534,7 @@ class _Shell:
         left = end - time.monotonic()
         if left <= 0:
             raise _Expired(bytes(out), bytes(err))
-        ready, _, _ = select.select([self.channel, *([self.caller] if self.caller else [])], [], [], min(left, 1.0))
+        ready = readable([self.channel, *([self.caller] if self.caller else [])], min(left, 1.0))
         if self.caller is not None and self.caller in ready and _gone(self.caller):
             raise _Expired(bytes(out), bytes(err))
         ch = self.channel

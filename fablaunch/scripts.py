@@ -250,12 +250,16 @@ def job_exists(job: str, host: Host | None = None) -> str:
     """A shell test, true when the job is alive here: tagged sessions (for `host`, if given) or processes.
 
     Processes count as much as sessions: a rank whose tmux server died still holds its GPU and must
-    block a second copy of the job as surely as a live session does.
+    block a second copy of the job as surely as a live session does. They are looked for only where
+    the job has a directory on this host: every process of the job started from a script in it, and
+    the directory goes only with a prune, which refuses while anything of the job is alive. The scan
+    reads every process's environment, which is most of a launch's own work on a busy host (run
+    twice per host per launch); a new job's name, the usual case, skips it.
     """
     sessions = f"{tmux.list_command(job, host.spec if host else None)} | grep -q ."
     if host is None:
         return sessions
-    return f"{{ {sessions} || [ -n \"$({tagged_pids(job, host)})\" ]; }}"
+    return f"{{ {sessions} || {{ [ -e {sh(job_dir(job, host))} ] && [ -n \"$({tagged_pids(job, host)})\" ]; }}; }}"
 
 
 def preflight_payload(plan: Plan, python: str | None, check_port: bool = False, held: bool = False,
@@ -326,20 +330,22 @@ def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable:
     return "\n".join(lines)
 
 
-def tagged_pids(job: str | None, host: Host, run: str | None = None) -> str:
+def tagged_pids(job: str | None, host: Host, run: str | None = None, among: str | None = None) -> str:
     """A shell pipeline printing the pids of a job's processes on this host (every job's, `job` None).
 
     They are found by the marker every process of the job inherits, read from /proc/PID/environ, so
     grandchildren and processes that called setsid are found too, and nothing else ever is. `run`
-    keeps only the processes one launch started. The shell running the pipeline (which may carry
-    the marker itself) is left out.
+    keeps only the processes one launch started. `among` (a shell word, split into pids) looks only
+    at those processes, not at all of /proc. The shell running the pipeline (which may carry the
+    marker itself) is left out.
     """
     if job is not None:  # "" must match nothing, never every job
         match = f"-F -- {sh(f'{TAG_VAR}={tag(job, host)}')}"
     else:
         match = f"-E -- {sh(f'{TAG_VAR}=[A-Za-z0-9_-]+@{re.escape(host.label)}')}"
     of_run = f" | xargs -r grep -lszx -F -- {sh(f'{RUN_VAR}={run}')}" if run else ""
-    return (f"grep -lszx {match} /proc/[0-9]*/environ 2>/dev/null{of_run} | "
+    files = "/proc/[0-9]*/environ" if among is None else f"$(printf '/proc/%s/environ ' {among})"
+    return (f"grep -lszx {match} {files} 2>/dev/null{of_run} | "
             "sed -n 's#^/proc/\\([0-9]*\\)/environ$#\\1#p' | grep -vx -e \"$$\" -e \"$BASHPID\"")
 
 
@@ -371,23 +377,34 @@ def kill_payload(job: str | None, host: Host, grace: float, run: str | None = No
                     "done"]
     return "\n".join([
         f"pids() {{ {tagged_pids(job, host, run)}; }}",
+        f"among() {{ {tagged_pids(job, host, run, among='$1')}; }}",
+        # Polls only the processes signalled: a scan of all of /proc ten times a second was most of a
+        # stop's cost on a busy host. Once they are gone, one full scan catches any they started since.
         "wait_gone() {",
-        "  end=$(( $(date +%s%N) + $1 * 1000000 ))",
-        "  while [ -n \"$(pids)\" ] && [ \"$(date +%s%N)\" -lt \"$end\" ]; do sleep 0.1; done",
+        "  local end=$(( $(date +%s%N) + $1 * 1000000 )) w=$2",
+        "  while [ \"$(date +%s%N)\" -lt \"$end\" ]; do",
+        "    [ -n \"$(among \"$w\")\" ] || { w=$(pids); [ -n \"$w\" ] || return 0; }",
+        "    sleep 0.1",
+        "  done",
         "}",
-        # The sessions that still have a process, so that each one's end can be told by signal.
-        f"marks() {{ for p in $(pids); do tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | "
-        f"sed -n 's/^{SESSION_VAR}=\\([A-Za-z0-9_.@-]*\\)$/\\1/p'; done | sort -u; }}",
+        # The sessions that still have a process among pids $1, so that each one's end can be told by
+        # signal: one grep over their environments (NUL-separated records), not two processes per pid.
+        f"marks() {{ [ -n \"$1\" ] || return 0; grep -ahoz -E '^{SESSION_VAR}=[A-Za-z0-9_.@-]*$' "
+        "$(printf '/proc/%s/environ ' $1) 2>/dev/null | tr '\\0' '\\n' | "
+        f"sed -n 's/^{SESSION_VAR}=//p' | sort -u; }}",
+        # $p: the job's processes now. One scan of /proc after each signal serves the next one, the
+        # sessions' ends and the count: scans are what a stop costs on a host with many processes.
         "phase() {",
-        "  p=$(pids); n=$(printf '%s' \"$p\" | wc -w); [ \"$n\" = 0 ] && return 0",
-        "  echo \"sent $1 $n\"; kill -s \"$1\" $p 2>/dev/null; wait_gone \"$2\"",
-        "  now=$(marks); for m in $live; do",
+        "  n=$(printf '%s' \"$p\" | wc -w); [ \"$n\" = 0 ] && return 0",
+        "  echo \"sent $1 $n\"; kill -s \"$1\" $p 2>/dev/null; wait_gone \"$2\" \"$p\"",
+        "  p=$(pids); now=$(marks \"$p\"); for m in $live; do",
         "    case \" $(echo $now) \" in *\" $m \"*) ;; *) echo \"ended $m $1\" ;; esac",
-        "  done; live=$now; echo \"remain $1 $(pids | wc -w)\"",
+        "  done; live=$now; echo \"remain $1 $(printf '%s' \"$p\" | wc -w)\"",
         "}",
-        "initial=$(pids | paste -sd' ' -)",
-        "found=$(printf '%s' \"$initial\" | wc -w)",
-        "live=$(marks)",
+        "p=$(pids)",
+        "initial=$(printf '%s' \"$p\" | paste -sd' ' -)",
+        "found=$(printf '%s' \"$p\" | wc -w)",
+        "live=$(marks \"$p\")",
         f"jobs=$({listing} | cut -d{sh(tmux.FIELD_SEP)} -f2 | sort -u | paste -sd, -)",
         f"phase INT {int(grace * 1000)}",
         "phase TERM 3000",

@@ -7,7 +7,11 @@ tests/test_faults_deadlines.py cover the same code over SSH.
 from __future__ import annotations
 
 import contextlib
+import os
+import resource
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +21,7 @@ import pytest
 
 from fablaunch.executor import REMOTE_SHELL, Executor, hold_line
 from fablaunch.hostfile import parse_host
-from tests.cluster import silent_listener
+from tests.cluster import Cluster, silent_listener
 
 LOCAL = parse_host("localhost", "test")
 
@@ -222,3 +226,34 @@ def test_ssh_config_lookups_answer_as_paramikos_without_a_user_name_look_up_per_
     assert len(asked) <= 5  # Fabric's default user, then the two Match stanzas in each of paramiko's two passes
     fabric.Connection("node40", config=plain)
     assert len(asked) > 80
+
+
+def test_hosts_are_read_over_descriptors_numbered_past_1024(cluster: Cluster) -> None:
+    """A launch to a few hundred hosts holds a socket per host and a pipe pair per channel read: past
+    descriptor 1024, where select.select fails ("filedescriptor out of range"); the executor polls."""
+    fillers: list[int] = []
+    try:
+        while not fillers or fillers[-1] < 1100:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        with Executor(fabric.Config(runtime_ssh_path=str(cluster.ssh_config)), 8, deadline=20) as ex:
+            out = ex.run({parse_host(name, "test"): (REMOTE_SHELL, "echo up; echo err >&2\n")
+                          for name in cluster.names})
+        assert {spec: (o.exit_code, o.stdout, o.stderr) for spec, o in out.items()} == \
+               {name: (0, "up\n", "err\n") for name in cluster.names}
+    finally:
+        for fd in fillers:
+            os.close(fd)
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit_for_many_hosts() -> None:
+    """A soft limit of 1024 (many systems' default) would end a launch to a few hundred hosts in EMFILE."""
+    script = ("import resource\n"
+              "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+              "import fabric\n"
+              "from fablaunch.executor import Executor\n"
+              "Executor(fabric.Config(), 2).close()\n"
+              "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n")
+    soft, hard = map(int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                         check=True, timeout=60).stdout.split())
+    assert soft == (65536 if hard == resource.RLIM_INFINITY else min(hard, 65536))
