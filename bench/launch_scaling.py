@@ -176,12 +176,13 @@ class Bench:
             run.remote = self.hosts_cpu.seconds() - before
         return run
 
-    def fab(self, *args: str) -> Run:
-        """Run `fab` in the work dir against the cluster; raise unless it exits 0.
+    def fab_run(self, *args: str) -> Run:
+        """Time `fab` in the work dir against the cluster, whatever it exits with (see fab_env)."""
+        return self.timed([FAB, "-r", str(REPO), "-S", self.cfg, *args], self.fab_env)
 
-        Python keeps compiled bytecode (see fab_env).
-        """
-        run = self.timed([FAB, "-r", str(REPO), "-S", self.cfg, *args], self.fab_env)
+    def fab(self, *args: str) -> Run:
+        """fab_run, raising unless it exits 0."""
+        run = self.fab_run(*args)
         if run.code != 0:
             raise RuntimeError(f"{' '.join(args[:3])} failed ({run.code}):\n{run.out}\n{run.err}")
         return run
@@ -265,8 +266,7 @@ class Bench:
         """Time a fab launch; a failed one (a deadline passed on a swamped machine) is counted, not timed."""
         self.port += 1
         task = "launch-gpus" if key == "launch_gpus" else "launch-torchrun"
-        run = self.timed([FAB, "-r", str(REPO), "-S", self.cfg, task, "--job", job, "--port", str(self.port),
-                          *self.fanout(k), *args], self.fab_env)
+        run = self.fab_run(task, "--job", job, "--port", str(self.port), *self.fanout(k), *args)
         if run.code == 0:
             keep(t, key, run, k)
             return True
@@ -277,8 +277,7 @@ class Bench:
     def fab_gpus(self, hosts: list[str], k: int, rep: int, t: dict[str, float]) -> None:
         job = f"bench{k}r{rep}"
         if self.launch("launch_gpus", job, k, t, "--", "sleep", "600"):
-            status = self.timed([FAB, "-r", str(REPO), "-S", self.cfg, "status", "--job", job, "--json",
-                                 *self.fanout(k)], self.fab_env)
+            status = self.fab_run("status", "--job", job, "--json", *self.fanout(k))
             if status.code == 0:
                 keep(t, "status", status, k)
             else:  # a host past status's deadline: counted, like a failed stop
@@ -305,8 +304,7 @@ class Bench:
         A stop that fails (a host past its deadline on a swamped machine) is counted in the results, not
         fatal to an hour-long run: the job is then cleared by force so the next measurement starts clean.
         """
-        run = self.timed([FAB, "-r", str(REPO), "-S", self.cfg, "stop", "--job", job, "--grace", "0",
-                          *self.fanout(k)], self.fab_env)
+        run = self.fab_run("stop", "--job", job, "--grace", "0", *self.fanout(k))
         left = tagged(f"{job}@")
         if run.code != 0 or left:
             t["stop_failures"] = t.get("stop_failures", 0) + 1
@@ -373,10 +371,19 @@ def startup(reps: int = 5) -> dict[str, float]:
     return out
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min, max and count of one measure's samples (bench/status_keeper.py uses it too)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
 def summarise(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     keys = sorted({key for s in samples for key in s})
-    return {key: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
-            for key in keys if (v := [s[key] for s in samples if key in s])}
+    return {key: spread(v) for key in keys if (v := [s[key] for s in samples if key in s])}
+
+
+def machine() -> str:
+    """This machine, as the results name it."""
+    return f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}"
 
 
 def fastest_peer(m: dict[str, float]) -> tuple[str, float]:
@@ -571,18 +578,18 @@ def main() -> None:
     starts = startup()
     text = tables(results, args.ranks)
     goals = targets(results)
-    machine = f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}"
+    where = machine()
     versions = {"pdsh": subprocess.run([PDSH, "-V"], capture_output=True, text=True).stdout.split("\n")[0],
                 "clush": subprocess.run([CLUSH, "--version"], capture_output=True, text=True).stdout.strip(),
                 "ssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()}
-    report = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "ranks_per_host": args.ranks,
+    report = {"machine": where, "date": time.strftime("%Y-%m-%d"), "ranks_per_host": args.ranks,
               "reps": args.reps, "fab_parallel": args.fab_parallel,
               "oneliner_measured_up_to": max(measured) if measured else None,
               "load_before": load, "versions": versions, "startup_seconds": starts,
               "results": {str(k): v for k, v in results.items()}, "targets": goals, "table": text}
     (args.out / "launch_scaling.json").write_text(json.dumps(report, indent=2) + "\n")
     plotted = plot(results, args.out / "launch_scaling.png", args.ranks)
-    print(f"\n{machine}, {args.reps} repetitions, median seconds (min-max)\n")
+    print(f"\n{where}, {args.reps} repetitions, median seconds (min-max)\n")
     print(text)
     if measured and any(k not in measured for k in sizes):
         print(f"\n* one-liner extrapolated from its time per rank at {max(measured)} hosts")

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from launch_scaling import machine, spread  # noqa: E402  (bench/, this script's directory, is on the path)
 
 from tests.cluster import Cluster  # noqa: E402  (the bench reuses the test suite's cluster, no copy)
 
@@ -85,8 +85,7 @@ def measure(cluster: Cluster, work: Path, job: str, k: int, reps: int, keepers: 
                        capture_output=True)
         shutil.rmtree(masters, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "fablaunch.keeper", "stop"], env=base_env, capture_output=True)
-    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
-            for name, v in samples.items()}
+    return {name: spread(v) for name, v in samples.items()}
 
 
 def main() -> None:
@@ -127,15 +126,15 @@ def main() -> None:
         lines.append(f"| {k} x {args.ranks} | " + " | ".join(
             f"{r[n]['median']:.2f} ({r[n]['min']:.2f}-{r[n]['max']:.2f})" for n in names) + f" | {ratio:.2f} |")
     text = "\n".join(lines)
-    machine = f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}"
+    where = machine()
     # Both ends of every connection share this machine: other work on it shows in every number.
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "status_keeper.json").write_text(json.dumps(
-        {"machine": machine, "load_average_at_end": load, "date": time.strftime("%Y-%m-%d"), "reps": args.reps,
+        {"machine": where, "load_average_at_end": load, "date": time.strftime("%Y-%m-%d"), "reps": args.reps,
          "ranks_per_host": args.ranks,
          "results": {str(k): v for k, v in results.items()}, "table": text, "failed": FAILED}, indent=2) + "\n")
-    print(f"\n{machine}, load average at the end {load}, {args.reps} repetitions, median seconds (min-max)\n\n{text}")
+    print(f"\n{where}, load average at the end {load}, {args.reps} repetitions, median seconds (min-max)\n\n{text}")
     for line in FAILED:
         print(f"failed: {line}")
 

@@ -460,12 +460,7 @@ class Client:
 
     def request(self, op: str) -> dict[str, Any] | None:
         """A control request (`stats`, `stop`) to a running keeper; None if none answers."""
-        try:
-            with contextlib.closing(_connect(self.socket)) as sock:
-                _send(sock, {"op": op})
-                return _recv(sock)
-        except (OSError, EOFError, ValueError, NotOurs, struct.error):
-            return None
+        return _ask(self.socket, op)
 
 
 def _feed(stdout: str, on_output: Callable[[str], None], complete: bool) -> None:
@@ -852,6 +847,7 @@ def _sockets(directory: Path) -> Iterator[Path]:
 
 
 def _ask(path: Path, op: str) -> dict[str, Any] | None:
+    """A control request (`stats`, `stop`) to the keeper at `path`; None if none answers."""
     try:
         with contextlib.closing(_connect(path)) as sock:
             _send(sock, {"op": op})

@@ -215,7 +215,7 @@ def test_a_payload_past_its_deadline_times_out_without_holding_up_the_other_host
 
 def sshd_tree(cluster: Cluster, name: str) -> list[int]:
     """A fake host's sshd listener and every process under it (its connections and their shells)."""
-    root = cluster._pid(name)
+    root = cluster.sshd_pid(name)
     assert root is not None
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
