@@ -527,6 +527,36 @@ def plot(results: dict[int, dict[str, Any]], path: Path, ranks: int) -> bool:
     return True
 
 
+def private_homes(root: Path, names: list[str]) -> dict[str, dict[str, str]]:
+    """A home of its own for each fake host (as `host_env`, sshd's SetEnv HOME), like separate machines.
+
+    The fake hosts otherwise share this machine's home, like nodes with an NFS home, and with it
+    whatever the user's .bashrc locks there: pyenv's `init` runs `pyenv rehash`, which takes a lock in
+    ~/.pyenv/shims and polls for it every 0.1 s, so 64 remote shells starting at once queue behind each
+    other (measured: every tool's remote shell start-up became a queue, and fablaunch, which checks
+    every host before it starts any, waited for the last in line). Each home links every entry of the
+    real one except ~/.pyenv, whose shims are copied (pyenv writes there) and the rest linked; so each
+    host runs the same .bashrc with the same work, only no lock is shared.
+    """
+    real = Path.home()
+    homes: dict[str, dict[str, str]] = {}
+    for name in names:
+        home = root / name
+        home.mkdir(parents=True)
+        for entry in real.iterdir():
+            if entry.name == ".pyenv":
+                (home / ".pyenv").mkdir()
+                for part in entry.iterdir():
+                    if part.name == "shims":
+                        shutil.copytree(part, home / ".pyenv" / "shims", symlinks=True)
+                    else:
+                        (home / ".pyenv" / part.name).symlink_to(part)
+            elif entry.name != ".fablaunch":  # fablaunch's own files stay per host, as on real hosts
+                (home / entry.name).symlink_to(entry)
+        homes[name] = {"HOME": str(home)}
+    return homes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1,8,32,64,128,256", help="host counts K (default 1,8,32,64,128,256)")
@@ -536,6 +566,9 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=1.0, help="seconds of quiet before each tool runs (default 1)")
     ap.add_argument("--fab-parallel", type=int, default=-1,
                     help="fab's --parallel: -1 (default) fab's own (32 hosts at once), 0 the peers' fanout K, else N")
+    ap.add_argument("--homes", choices=("private", "shared"), default="private",
+                    help="private (default): a home per fake host, like separate machines; shared: this machine's "
+                         "home for all, like an NFS home (see private_homes)")
     ap.add_argument("--port", type=int, default=2622, help="sshd port of the fake hosts (default 2622)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="where the JSON and PNG go")
     args = ap.parse_args()
@@ -549,7 +582,10 @@ def main() -> None:
     results: dict[int, dict[str, Any]] = {}
     hosts_cpu: HostsCPU | None = None
     try:
-        with Cluster(root / "c", max(sizes), port=args.port, base=101, env={"PATH": os.environ["PATH"]}) as cluster:
+        names = [f"node{i}" for i in range(1, max(sizes) + 1)]
+        homes = private_homes(root / "homes", names) if args.homes == "private" else {}
+        with Cluster(root / "c", max(sizes), port=args.port, base=101, env={"PATH": os.environ["PATH"]},
+                     host_env=homes) as cluster:
             work = root / "w"
             work.mkdir()
             listeners = [pid for name in cluster.names if (pid := cluster.sshd_pid(name)) is not None]
@@ -559,6 +595,9 @@ def main() -> None:
             # Warm Python's caches (bytecode, imports) outside the measurements, touching no host: a plain
             # `status` would read every job of every test ever run here (the fake hosts share one home).
             bench.fab("launch-gpus", "--dry-run", "--job", "warm", "--", "sleep", "1")
+            # And every host's first shell (a fresh home's first `pyenv rehash` makes its shims), so that
+            # no tool pays it for being the first to reach a host.
+            bench.shell(f"printf '%s\\n' {' '.join(cluster.names)} | xargs -P 32 -I{{}} ssh -F {shlex.quote(bench.cfg)} {{}} true")
             for k in sizes:
                 samples = [bench.rep(k, i, k <= args.oneliner_max, args.settle) for i in range(args.reps)]
                 results[k] = {"stats": summarise(samples), "samples": samples}
@@ -583,13 +622,13 @@ def main() -> None:
                 "clush": subprocess.run([CLUSH, "--version"], capture_output=True, text=True).stdout.strip(),
                 "ssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()}
     report = {"machine": where, "date": time.strftime("%Y-%m-%d"), "ranks_per_host": args.ranks,
-              "reps": args.reps, "fab_parallel": args.fab_parallel,
+              "reps": args.reps, "fab_parallel": args.fab_parallel, "homes": args.homes,
               "oneliner_measured_up_to": max(measured) if measured else None,
               "load_before": load, "versions": versions, "startup_seconds": starts,
               "results": {str(k): v for k, v in results.items()}, "targets": goals, "table": text}
     (args.out / "launch_scaling.json").write_text(json.dumps(report, indent=2) + "\n")
     plotted = plot(results, args.out / "launch_scaling.png", args.ranks)
-    print(f"\n{where}, {args.reps} repetitions, median seconds (min-max)\n")
+    print(f"\n{where}, {args.homes} homes, {args.reps} repetitions, median seconds (min-max)\n")
     print(text)
     if measured and any(k not in measured for k in sizes):
         print(f"\n* one-liner extrapolated from its time per rank at {max(measured)} hosts")

@@ -221,7 +221,8 @@ def _start(config: Any, attempt: Attempt, spec: JobSpec, replace: bool, rollback
         held = _preflight(ex, plan, replace) if preflight else {}
         if replace and not preflight:
             stop_running(ex, plan)
-        payloads = {h.spec: launch_payload(plan, plan.on(h), attempt.launched, run=attempt.run) for h in plan.hosts}
+        payloads = {h.spec: launch_payload(plan, plan.on(h), attempt.launched, run=attempt.run, checked=bool(held))
+                    for h in plan.hosts}
         first, rest = plan.hosts[0], plan.hosts[1:]
         outcomes = attempt.outcomes
         with ui.progress(f"launching {plan.job}", len(plan.hosts)) as advance:

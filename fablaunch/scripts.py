@@ -228,7 +228,9 @@ def _checks(plan: Plan, python: str | None) -> list[str]:
         f"if [ ! -d {sh(plan.workdir)} ]; then problem {sh(f'workdir: {plan.workdir} does not exist')}; "
         f"elif [ ! -w {sh(plan.workdir)} ]; then problem {sh(f'workdir: {plan.workdir} is not writable')}; fi",
         # Every rank's script, log and exit record go here: a read-only or full home fails now, not mid-run.
-        f'mkdir -p {sh(RemotePath(JOBS_DIR))} 2>/dev/null && [ -w {sh(RemotePath(JOBS_DIR))} ] '
+        # mkdir only where it is missing: a process less on every launch but a host's first.
+        f'{{ [ -d {sh(RemotePath(JOBS_DIR))} ] || mkdir -p {sh(RemotePath(JOBS_DIR))} 2>/dev/null; }} '
+        f'&& [ -w {sh(RemotePath(JOBS_DIR))} ] '
         f"|| problem {sh(f'home: cannot write {JOBS_DIR} (read-only home?)')}",
     ]
     if python:
@@ -256,7 +258,7 @@ def job_exists(job: str, host: Host | None = None) -> str:
     reads every process's environment, which is most of a launch's own work on a busy host (run
     twice per host per launch); a new job's name, the usual case, skips it.
     """
-    sessions = f"{tmux.list_command(job, host.spec if host else None)} | grep -q ."
+    sessions = f'[ -n "$({tmux.list_command(job, host.spec if host else None)})" ]'  # no grep: a process less
     if host is None:
         return sessions
     return f"{{ {sessions} || {{ [ -e {sh(job_dir(job, host))} ] && [ -n \"$({tagged_pids(job, host)})\" ]; }}; }}"
@@ -286,20 +288,21 @@ def preflight_payload(plan: Plan, python: str | None, check_port: bool = False, 
     return "\n".join([*checks, 'exit "$fail"', ""])
 
 
-def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable: bool = False, run: str = "") -> str:
+def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable: bool = False, run: str = "",
+                   checked: bool = False) -> str:
     """Write a host's scripts and manifest and start all its sessions in one tmux call.
 
     The check that the job is not already here and the start of its sessions run under a lock per
     job and host, so two launches of one name never both start here. `readable` replaces the
-    encoded files by a note, for `--dry-run` (which shows them decoded).
+    encoded files by a note, for `--dry-run` (which shows them decoded). `checked`: the same shell
+    has just passed the preflight's checks (a held shell), which are then not run again.
     """
     host = sessions[0].host
     dir_ = plan.host_dir(host)
     lines = [
         "set -u",
         "umask 077",
-        *_checks(plan, None),
-        '[ "$fail" = 0 ] || exit 3',
+        *([] if checked else [*_checks(plan, None), '[ "$fail" = 0 ] || exit 3']),
         f"dir={sh(dir_)}",
         f'mkdir -p "${{dir%/*}}" && exec 9>>{sh(lock_file(plan.job, host))} || exit 3',
         "if command -v flock >/dev/null 2>&1 && ! flock -w 60 9; then",

@@ -19,7 +19,7 @@ from pathlib import Path
 import fabric
 import pytest
 
-from fablaunch.executor import REMOTE_SHELL, Executor, hold_line
+from fablaunch.executor import BULK_MIN, REMOTE_SHELL, Executor, _bulk, hold_line
 from fablaunch.hostfile import parse_host
 from tests.cluster import Cluster, silent_listener
 
@@ -257,3 +257,43 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit_for_many_hosts() -> Non
     soft, hard = map(int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                          check=True, timeout=60).stdout.split())
     assert soft == (65536 if hard == resource.RLIM_INFINITY else min(hard, 65536))
+
+
+def _long_script(lines: int, marker: Path | None = None) -> str:
+    """A script well past BULK_MIN: numbered echo lines, a here-document and a quoted byte mix."""
+    body = "".join(f"echo line {i}\n" for i in range(lines))
+    touch = f"touch {marker}\n" if marker else ""
+    return touch + body + "cat <<'EOF'\nheredoc $HOME `x`\nEOF\nprintf '%s\\n' 'a'\"'\"'b \\ $c'\n"
+
+
+def test_a_long_script_runs_whole_read_in_bulk_on_a_real_host(cluster: Cluster) -> None:
+    """A script past BULK_MIN is read by one `head -c`, not a byte per read(2), and runs exactly as sent:
+    every line, a here-document and quoting intact; the first and the rest of a held script alike."""
+    script = _long_script(1000)
+    assert len(script) > BULK_MIN
+    expected = "".join(f"line {i}\n" for i in range(1000)) + "heredoc $HOME `x`\na'b \\ $c\n"
+    host = parse_host(cluster.names[0], "test")
+    with Executor(fabric.Config(runtime_ssh_path=str(cluster.ssh_config)), 2, deadline=30) as ex:
+        (out,) = ex.run({host: (REMOTE_SHELL, script + "exit 7\n")}).values()
+        assert (out.exit_code, out.stdout, out.stderr) == (7, expected, "")
+        held = ex.hold({host: (REMOTE_SHELL, script + f"kept=1\n{hold_line(0)}\n")})
+        assert (held[host.spec].outcome.ok, held[host.spec].outcome.stdout) == (True, expected)
+        (rest,) = ex.release(held, {host.spec: 'echo "kept=$kept"\n' + script}).values()
+        assert (rest.exit_code, rest.stdout) == (0, "kept=1\n" + expected)
+
+
+def test_a_long_script_cut_short_runs_nothing_of_itself(tmp_path: Path) -> None:
+    """A launcher gone mid-send leaves a script cut short: bash reading it line by line would run its
+    first half; read in bulk, without its end mark, none of it runs."""
+    marker = tmp_path / "ran"
+    whole = _bulk(_long_script(1000, marker).encode())
+    for cut in (len(whole) - 1, len(whole) // 2):
+        done = subprocess.run(["bash", "-s"], input=whole[:cut], capture_output=True, timeout=30)
+        assert done.returncode == 141 and b"cut short; nothing of it ran" in done.stderr
+        assert not done.stdout and not marker.exists()
+    done = subprocess.run(["bash", "-s"], input=whole, capture_output=True, timeout=30)
+    assert done.returncode == 0 and marker.exists() and done.stdout.startswith(b"line 0\n")
+
+
+def test_a_short_script_is_sent_as_it_is() -> None:
+    assert _bulk(b"echo hi\n") == b"echo hi\n"
