@@ -597,7 +597,8 @@ def main() -> None:
             bench.fab("launch-gpus", "--dry-run", "--job", "warm", "--", "sleep", "1")
             # And every host's first shell (a fresh home's first `pyenv rehash` makes its shims), so that
             # no tool pays it for being the first to reach a host.
-            bench.shell(f"printf '%s\\n' {' '.join(cluster.names)} | xargs -P 32 -I{{}} ssh -F {shlex.quote(bench.cfg)} {{}} true")
+            bench.shell(f"printf '%s\\n' {' '.join(cluster.names)} | "
+                        f"xargs -P 32 -I{{}} ssh -F {shlex.quote(bench.cfg)} {{}} true")
             for k in sizes:
                 samples = [bench.rep(k, i, k <= args.oneliner_max, args.settle) for i in range(args.reps)]
                 results[k] = {"stats": summarise(samples), "samples": samples}
