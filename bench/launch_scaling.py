@@ -246,10 +246,13 @@ class Bench:
             "-e MASTER_ADDR=$(head -n 1 gpus) -e MASTER_PORT=5001 -e WORLD_SIZE=$(wc -l < gpus) "
             "-e RANK=$(($0 - 1)) sleep 600'")
 
+    def on_each(self, hosts: list[str], command: str, fanout: int) -> list[str]:
+        """A command line running `command` over one OpenSSH client per host, `fanout` at once."""
+        each = f"xargs -P {fanout} -I{{}} ssh -F {shlex.quote(self.cfg)} {{}} {command}"
+        return ["bash", "-c", f"printf '%s\\n' {' '.join(hosts)} | {each}"]
+
     def status_baseline(self, hosts: list[str]) -> Run:
-        cfg = shlex.quote(self.cfg)
-        each = f"xargs -P {len(hosts)} -I{{}} ssh -F {cfg} {{}} tmux ls"
-        return self.timed(["bash", "-c", f"printf '%s\\n' {' '.join(hosts)} | {each}"])
+        return self.timed(self.on_each(hosts, "tmux ls", len(hosts)))
 
     # -- one repetition ------------------------------------------------------------------------
 
@@ -582,10 +585,10 @@ def main() -> None:
     results: dict[int, dict[str, Any]] = {}
     hosts_cpu: HostsCPU | None = None
     try:
-        names = [f"node{i}" for i in range(1, max(sizes) + 1)]
-        homes = private_homes(root / "homes", names) if args.homes == "private" else {}
-        with Cluster(root / "c", max(sizes), port=args.port, base=101, env={"PATH": os.environ["PATH"]},
-                     host_env=homes) as cluster:
+        cluster = Cluster(root / "c", max(sizes), port=args.port, base=101, env={"PATH": os.environ["PATH"]})
+        if args.homes == "private":  # read when the hosts start, below
+            cluster.host_env.update(private_homes(root / "homes", cluster.names))
+        with cluster:
             work = root / "w"
             work.mkdir()
             listeners = [pid for name in cluster.names if (pid := cluster.sshd_pid(name)) is not None]
@@ -597,8 +600,7 @@ def main() -> None:
             bench.fab("launch-gpus", "--dry-run", "--job", "warm", "--", "sleep", "1")
             # And every host's first shell (a fresh home's first `pyenv rehash` makes its shims), so that
             # no tool pays it for being the first to reach a host.
-            bench.shell(f"printf '%s\\n' {' '.join(cluster.names)} | "
-                        f"xargs -P 32 -I{{}} ssh -F {shlex.quote(bench.cfg)} {{}} true")
+            bench.check(bench.timed(bench.on_each(cluster.names, "true", 32)), "the hosts' first shells")
             for k in sizes:
                 samples = [bench.rep(k, i, k <= args.oneliner_max, args.settle) for i in range(args.reps)]
                 results[k] = {"stats": summarise(samples), "samples": samples}

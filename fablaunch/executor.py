@@ -62,10 +62,10 @@ STARTED = "\x1eFABLAUNCH_STARTED"
 _STARTED_LINE = (STARTED + "\n").encode()
 _START_SCRIPT = "printf '\\036FABLAUNCH_STARTED\\n' || exit 141\n"
 # bash reads a script from a pipe one byte per read(2), so that a command it runs can read the rest of
-# stdin: the 33 KB launch payload of 8 ranks cost a host 14 ms of CPU that way, more than its tmux
-# sessions' own start. A script of BULK_MIN bytes or more therefore travels as one `head -c` read and an
-# eval. Its end mark must arrive too: a script cut short (a launcher gone mid-send) then runs nothing,
-# where bash reading it line by line would run its first half.
+# stdin: the 33 KB launch payload of 8 ranks cost a host about 9 ms of CPU that way. A script of
+# BULK_MIN bytes or more therefore travels as one `head -c` read and an eval. Its end mark must arrive
+# too: a script cut short (a launcher gone mid-send) then runs nothing, where bash reading it line by
+# line would run its first half.
 BULK_MIN = 4096
 _BULK_END = "#FABLAUNCH_END"
 _BULK_READ = ("fablaunch_script=$(head -c {size}) || exit 141; case $fablaunch_script in "
