@@ -3,14 +3,13 @@
 A host receives one payload on the stdin of `bash -s`, so secrets never appear in any command line,
 and the whole per-host work (checks, files, every tmux session) is one SSH round trip. Session
 scripts are written to the host (mode 0600) and run from there, so a user can read exactly what ran.
-Files travel base64-encoded, all of a host's in one block decoded by one process (forks are what a
-64-host launch on busy hosts pays for): no here-document delimiter can collide with the user's
-arguments, and any byte but NUL survives.
+Files travel as single-quoted words written by the `printf` builtin (forks are what a 64-host
+launch on busy hosts pays for): no here-document delimiter can collide with the user's arguments,
+and any byte but NUL survives.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import shlex
@@ -71,13 +70,12 @@ def describe(session: Session) -> str:
     return f"rank {session.rank} (local rank {session.local_rank})"
 
 
-RECORD_BYTES = 255  # an exit record is padded to this size so the final write fits where the first one went
-
-
 def session_script(plan: Plan, session: Session, launched: str, mask: bool = False, run: str = "") -> str:
     """The script one tmux session runs: environment, working directory, command, log, exit record.
 
-    The exit record is written twice in the same place: a placeholder before the command starts
+    It is POSIX sh, and tmux starts it with `sh`: a host starts one per rank, and bash's start-up and
+    its heavier forks cost a launch about a millisecond more per rank than dash. The exit record is
+    written twice in the same place: a placeholder before the command starts
     (while the disk still has room) and the real record over it at the end, through a descriptor
     opened at the start. So a full disk late in a run does not lose the exit code, and a record
     always lands in this run's file, even after a relaunch has moved the directory aside. The
@@ -90,7 +88,7 @@ def session_script(plan: Plan, session: Session, launched: str, mask: bool = Fal
     # A dry run shows command arguments with URL passwords masked too (`--db postgres://u:pw@h/x`).
     command = " ".join(masked("", arg) if mask else sh(arg) for arg in session.argv)
     return "\n".join([
-        "#!/bin/bash",
+        "#!/bin/sh",
         f"# fablaunch job {plan.job}: {describe(session)} on {session.host.spec}, launched {launched}.",
         "# fab status, logs and errors read the files beside this script.",
         *exports,
@@ -101,12 +99,24 @@ def session_script(plan: Plan, session: Session, launched: str, mask: bool = Fal
     ])
 
 
+RECORD_BYTES = 255  # an exit record is padded to this size so the final write fits where the first one went
+# The clock as a shell word, for a POSIX shell (no EPOCHREALTIME): JSON null where `date` fails or
+# prints no number (a fork refused on a host out of processes, a date without %N).
+_NOW = '$(date +%s.%N 2>/dev/null)'
+
+
+def _number_or_null(var: str) -> str:
+    return f"case ${var} in '' | *[!0-9.]* | *.*.*) {var}=null ;; esac"
+
+
 def recorded_run(command: str, workdir: str, where: str) -> list[str]:
     """The end of every session's script: placeholder exit record, `command` run in `workdir` with its
-    output teed to "$log", and the final record over the placeholder.
+    output teed to "$log", and the final record over the placeholder. POSIX sh (bash runs it too).
 
     The script sets `log`, `exit_file` and FABLAUNCH_RUN first; `where` is a shell word naming the
     place in messages (a quoted host spec, or "$node" on Slurm, known only when the task starts).
+    Its first argument, if any, is the start time: a launch reads the clock once for all of a host's
+    sessions, where each reading its own would be a fork per rank.
     """
     def say(*parts: str) -> str:
         return "".join(sh(p) if i % 2 == 0 else p for i, p in enumerate(parts))
@@ -115,12 +125,11 @@ def recorded_run(command: str, workdir: str, where: str) -> list[str]:
         "# Stay alive when a signal stops the rank, to record how it ended. A handler, unlike an",
         "# ignored signal, is reset on exec, so the rank itself still gets the default action.",
         "trap : INT TERM HUP",
-        "# bash 5 reads the clock without a fork; EPOCHREALTIME follows the locale's decimal point.",
-        "start_time=${EPOCHREALTIME:-$(date +%s.%N)}; start_time=${start_time/,/.}",
+        f'start_time=${{1:-{_NOW}}}',
+        _number_or_null("start_time"),
         "record() {",
-        "  local rec",
-        "  printf -v rec '{\"run\": \"%s\", \"exit_code\": %s, \"start_time\": %s, \"end_time\": %s}' \\",
-        f'    "${RUN_VAR}" "$1" "$start_time" "$2"',
+        f'  rec="{{\\"run\\": \\"${RUN_VAR}\\", \\"exit_code\\": $1, \\"start_time\\": $start_time, '
+        '\\"end_time\\": $2}"',
         f"  printf '%-{RECORD_BYTES}s\\n' \"$rec\"",
         "}",
         'if ! record null null > "$exit_file" || ! exec 8<>"$exit_file"; then',
@@ -129,9 +138,10 @@ def recorded_run(command: str, workdir: str, where: str) -> list[str]:
         "  exit 1",
         "fi",
         "finish() {",
-        "  local end_time=${EPOCHREALTIME:-$(date +%s.%N)}",
+        f'  end_time={_NOW}',
+        f"  {_number_or_null('end_time')}",
         "  # Over the placeholder through fd 8, opened at the start: no new disk space, this run's file.",
-        '  record "$1" "${end_time/,/.}" >&8',
+        '  record "$1" "$end_time" >&8',
         '  exit "$1"',
         "}",
         f"cd {sh(workdir)} || {{",
@@ -139,9 +149,17 @@ def recorded_run(command: str, workdir: str, where: str) -> list[str]:
         ' | tee -a "$log" >&2',
         "  finish 1",
         "}",
+        "# The rank's own subshell records how it ended (sh has no PIPESTATUS), so it sets the traps",
+        "# again: a subshell starts without them. The rank's redirections are made in the process it",
+        "# replaces, so the shell's word on a killed rank (\"Terminated\") goes to the pane, not the log.",
         "# tee outlives a hangup (a killed tmux server): the rank's output keeps reaching its log.",
-        f"{command} 8>&- 2>&1 | ( trap '' HUP; exec tee -ia \"$log\" )",
-        'finish "${PIPESTATUS[0]}"',
+        f"{{ trap : INT TERM HUP; ( exec {command} 8>&- 2>&1 ); finish \"$?\"; }}"
+        " | ( trap '' HUP; exec tee -ia \"$log\" )",
+        "# The script exits with the rank's code too (Slurm judges a task by it), read back from this run's",
+        "# record: /dev/fd/8 opens the file anew, from its start, wherever a relaunch has moved it.",
+        "read -r rec < /dev/fd/8; code=${rec#*'\"exit_code\": '}; code=${code%%,*}",
+        "case $code in '' | *[!0-9]*) exit 1 ;; esac",
+        'exit "$code"',
     ]
 
 
@@ -174,12 +192,13 @@ def session_record(session: Session) -> dict[str, object]:
 
 
 def write_files(files: list[tuple[str, str]]) -> list[str]:
-    """Shell lines that write every (path, content): one base64 block of `printf` builtins, one decoder."""
-    snippet = "".join(f"printf '%s' {sh(content)} > {path} || {{ echo \"write: cannot write \"{path}\" "
-                      "(disk full or read-only?)\"; exit 3; }\n" for path, content in files)
-    data = base64.b64encode(encode(snippet)).decode()
-    wrapped = "\n".join(data[i:i + 76] for i in range(0, len(data), 76))
-    return ["eval \"$(base64 -d <<'FABLAUNCH_B64'", wrapped, "FABLAUNCH_B64", ')"']
+    """Shell lines that write every (path, content) with the `printf` builtin: no process per file.
+
+    Each content is one single-quoted word, so any byte but NUL arrives as it is, and no delimiter of
+    a here-document can collide with the user's arguments.
+    """
+    return [f"printf '%s' {sh(content)} > {path} || {{ echo \"write: cannot write \"{path}\" "
+            "(disk full or read-only?)\"; exit 3; }" for path, content in files]
 
 
 def python_found(python: str) -> str:
@@ -327,7 +346,10 @@ def launch_payload(plan: Plan, sessions: list[Session], launched: str, readable:
     # The lock's descriptor is closed for tmux: a tmux server started here would hold it for ever.
     # A launcher gone by now has already rolled back: what this payload wrote must go too, or status
     # would show the job it never became (SIGPIPE is ignored so that the failed write can clean up).
+    # The sessions' start time, read once for all of them (see recorded_run): bash 5 reads the clock
+    # without a fork, with the locale's decimal point.
     lines += ["trap '' PIPE", "printf 'starting\\n' || { rm -rf \"$dir\"; exit 3; }", "trap - PIPE",
+              f"{tmux.START_VAR}=${{EPOCHREALTIME:-$(date +%s.%N)}}; {tmux.START_VAR}=${{{tmux.START_VAR}/,/.}}",
               f"{tmux.new_sessions(plan, sessions)} 9>&-", "rc=$?",
               f'[ "$rc" = 0 ] && echo started {len(sessions)}', 'exit "$rc"', ""]
     return "\n".join(lines)

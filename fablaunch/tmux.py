@@ -36,8 +36,11 @@ HOME_MAX = 256
 # digits of the payload shell's pid in its name (Linux's pid_max is at most 4194304).
 HOLD_SECONDS = 600
 PID_DIGITS = 7
-# The launch payload's variable holding the host's job directory (see scripts.launch_payload).
+# The launch payload's variables: the host's job directory, and the time its sessions start (see
+# scripts.launch_payload), passed to each session's script; bytes kept for that time's digits.
 DIR_VAR = "dir"
+START_VAR = "start"
+START_BYTES = 32
 
 
 def target(session: str) -> str:
@@ -77,13 +80,14 @@ def session_commands(plan: Plan, session: Session) -> tuple[str, int]:
     new-session and its set-options stay together: tmux runs one call's commands without handling
     child exits in between, so a rank that exits at once is still tagged.
     """
-    create = ["new-session", "-d", "-s", session.name, "-c", plan.workdir, "bash"]
+    create = ["new-session", "-d", "-s", session.name, "-c", plan.workdir, "sh"]
     script = f"/{session.stem}.sh"  # after the shell's `$dir`
     tagging: list[str] = []
     for key, value in tags(plan, session).items():
         tagging += [";", "set-option", "-t", target(session.name), key, value or "-"]
-    text = " ".join([*map(shlex.quote, create), f'"${DIR_VAR}{script}"', *map(shlex.quote, tagging)])
-    return text, _size(create) + dir_bytes_max(session) + _bytes(script) + 1 + _size(tagging)
+    text = " ".join([*map(shlex.quote, create), f'"${DIR_VAR}{script}"', f'"${START_VAR}"',
+                     *map(shlex.quote, tagging)])
+    return text, _size(create) + dir_bytes_max(session) + _bytes(script) + 1 + START_BYTES + 1 + _size(tagging)
 
 
 def hold_session(plan: Plan) -> tuple[str, int]:

@@ -127,10 +127,10 @@ def test_a_rank_whose_tmux_server_died_runs_detached_and_blocks_a_second_copy(fa
 
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Two hosts; node2 writes its job files slowly (its `base64` sleeps 5 s first)."""
+    """Two hosts; node2 writes its job files late (its `flock`, before them, sleeps 5 s first)."""
     root = tmp_path_factory.mktemp("faults")
     with Cluster(root / "c", 2, port=SSH_PORT + 6, base=141, env={"PATH": os.environ["PATH"]},
-                 host_env={"node2": {"PATH": slow_path(root, "base64", 5)}}) as cluster:
+                 host_env={"node2": {"PATH": slow_path(root, "flock", 5)}}) as cluster:
         yield cluster
 
 

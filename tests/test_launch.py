@@ -272,10 +272,10 @@ def test_every_flag_has_help(name: str) -> None:
 
 def test_ctrl_c_during_the_launch_rolls_back_and_a_slow_host_starts_nothing_later(
         tmp_path_factory: pytest.TempPathFactory, job: str) -> None:
-    """node2 writes its files slowly (its `base64` sleeps first): Ctrl-C arrives after node1 started."""
+    """node2 writes its files late (its `flock`, before them, sleeps first): Ctrl-C arrives after node1 started."""
     root = tmp_path_factory.mktemp("slow")
     with Cluster(root / "c", 2, port=SSH_PORT + 4, base=131, env={"PATH": os.environ["PATH"]},
-                 host_env={"node2": {"PATH": slow_path(root, "base64", 6)}}) as two:
+                 host_env={"node2": {"PATH": slow_path(root, "flock", 6)}}) as two:
         work = root / "w"
         work.mkdir()
         (work / "gpus").write_text("node1\nnode2\n")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -54,8 +52,12 @@ def make_plan(tmp: Path, argv: list[str], env: dict[str, str], workdir: Path | N
     return plan_gpus(spec, [parse_host("localhost", "t")], JOB, sys.executable, str(workdir or tmp))
 
 
-def run_session(tmp: Path, plan: Plan, session: Session | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run a session script the way tmux would (bash FILE), with $HOME pointing into tmp."""
+def run_session(tmp: Path, plan: Plan, session: Session | None = None, shell: str = "sh",
+                start: list[str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run a session script the way tmux would (sh FILE START), with $HOME pointing into tmp.
+
+    `start` is the start time argument (the launch's clock, now); [] runs the script as a user would by hand.
+    """
     session = session or plan.sessions[0]
     home_dir = tmp / session.dir.removeprefix("~/")
     home_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +65,9 @@ def run_session(tmp: Path, plan: Plan, session: Session | None = None) -> subpro
     path.write_bytes(scripts.encode(scripts.session_script(plan, session, LAUNCHED)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("V_")}
     env.update(HOME=str(tmp), LC_ALL="C.UTF-8")
-    return subprocess.run(["bash", str(path)], env=env, cwd=tmp, capture_output=True, timeout=60, check=False)
+    args = [f"{time.time():.6f}"] if start is None else start
+    return subprocess.run([shell, str(path), *args], env=env, cwd=tmp, capture_output=True, timeout=60,
+                          check=False)
 
 
 def local_file(tmp: Path, remote: RemotePath) -> Path:
@@ -160,9 +164,81 @@ def test_session_script_appends_to_the_log(tmp_path: Path) -> None:
 def test_session_script_header_names_job_rank_and_host(tmp_path: Path) -> None:
     plan = make_plan(tmp_path, [], {})
     text = scripts.session_script(plan, plan.sessions[0], LAUNCHED)
-    assert text.startswith("#!/bin/bash\n")
+    assert text.startswith("#!/bin/sh\n")
     assert f"job {JOB}: rank 0 (local rank 0) on localhost, launched {LAUNCHED}" in text
-    assert subprocess.run(["bash", "-n"], input=text.encode(), check=False).returncode == 0
+    for shell in ("sh", "bash"):
+        assert subprocess.run([shell, "-n"], input=text.encode(), check=False).returncode == 0, shell
+
+
+@pytest.mark.skipif(not shutil.which("dash"), reason="needs dash, a strict POSIX sh")
+def test_session_script_is_posix_sh_and_bash_runs_it_alike(tmp_path: Path) -> None:
+    """tmux starts it with sh (dash on Debian); Slurm's task script, also bash, ends with the same lines."""
+    for shell in ("dash", "bash"):
+        plan = make_plan(tmp_path, ["a b", "$x"], {"V_EXIT": "4"})
+        result = run_session(tmp_path, plan, shell=shell)
+        assert result.returncode == 4, (shell, result.stderr)
+        assert result.stderr == b"", shell
+        assert json.loads((tmp_path / "out.json").read_text())["argv"] == ["a b", "$x"]
+        assert json.loads(local_file(tmp_path, plan.sessions[0].exit_file).read_text())["exit_code"] == 4
+
+
+def test_session_script_records_the_launchs_start_time_or_reads_the_clock_itself(tmp_path: Path) -> None:
+    plan = make_plan(tmp_path, [], {})
+    exit_file = local_file(tmp_path, plan.sessions[0].exit_file)
+    run_session(tmp_path, plan, start=["1700000000.123456"])
+    record = json.loads(exit_file.read_text())
+    assert record["start_time"] == 1700000000.123456
+    assert time.time() - 10 < record["end_time"] <= time.time()
+    before = time.time()
+    run_session(tmp_path, plan, start=[])  # run by hand: no argument
+    record = json.loads(exit_file.read_text())
+    assert before - 1 < record["start_time"] <= record["end_time"] <= time.time()
+    # Whatever the first argument holds, the record stays JSON.
+    for junk in ("", "12,5", "1.2.3", '1}, "exit_code": 0', "$(touch pwned)"):
+        run_session(tmp_path, plan, start=[junk])
+        assert json.loads(exit_file.read_text())["start_time"] is None or junk == ""
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.skipif(not shutil.which("tmux"), reason="needs tmux")
+@pytest.mark.parametrize("how", ["ctrl-c", "kill-server"])
+def test_a_rank_stopped_in_its_tmux_pane_is_recorded_with_its_signal(tmp_path: Path, how: str) -> None:
+    """Ctrl-C typed into an attached pane ends the rank (130). A killed tmux server does not: the rank
+    and its log go on, and when it is stopped later (SIGTERM, as `fab stop` does) the record says so."""
+    spec = JobSpec(command=["sh", "-c", "echo up $$; exec sleep 60"])
+    plan = plan_gpus(spec, [parse_host("localhost", "t")], JOB, sys.executable, str(tmp_path))
+    session = plan.sessions[0]
+    local_file(tmp_path, session.log).parent.mkdir(parents=True, exist_ok=True)
+    script = tmp_path / "session.sh"
+    script.write_bytes(scripts.encode(scripts.session_script(plan, session, LAUNCHED)))
+    sockets = tempfile.mkdtemp(prefix="fl-pane-", dir="/tmp")  # a short path: socket paths are limited
+    env = {**os.environ, "HOME": str(tmp_path), "TMUX_TMPDIR": sockets}
+    env.pop("TMUX", None)
+    record_file, log = local_file(tmp_path, session.exit_file), local_file(tmp_path, session.log)
+    try:
+        subprocess.run(["tmux", "new-session", "-d", "-s", "pane", "sh", str(script), f"{time.time():.6f}"], env=env,
+                       check=True)
+        deadline = time.monotonic() + 20
+        while "up" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pid = int(log.read_text().split()[1])
+        if how == "ctrl-c":
+            subprocess.run(["tmux", "send-keys", "-t", "=pane:", "C-c"], env=env, check=True)
+        else:
+            subprocess.run(["tmux", "kill-server"], env=env, check=True)
+            time.sleep(0.5)
+            os.kill(pid, 0)  # alive
+            assert json.loads(record_file.read_text())["exit_code"] is None
+            os.kill(pid, signal.SIGTERM)
+        while json.loads(record_file.read_text())["exit_code"] is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        record = json.loads(record_file.read_text())
+        assert record["exit_code"] == (130 if how == "ctrl-c" else 143)
+        assert record["start_time"] <= record["end_time"] <= time.time()
+        assert log.read_text() == f"up {pid}\n"
+    finally:
+        subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 # --- masking ------------------------------------------------------------------------------------------------
@@ -264,33 +340,20 @@ def two_host_plan(mode: str = "gpus") -> Plan:
     return plan_torchrun(spec, hs, JOB, "/py", "/work dir")
 
 
-def decoded_files(payload: str, tmp_path: Path) -> dict[str, bytes]:
-    """The files a launch payload writes: its one encoded block, decoded and run by a real bash."""
-    (block,) = re.findall(r"^eval \"\$\(base64 -d <<'FABLAUNCH_B64'\n([A-Za-z0-9+/=\n]*?)\nFABLAUNCH_B64\n\)\"$",
-                          payload, re.M)
-    snippet = base64.b64decode(block)
-    paths = re.findall(rb"> (\"\$dir/[^\"]+\") \|\| ", snippet, re.M)
-    subprocess.run(["bash", "-c", 'eval "$1"', "-", snippet.decode("utf-8", "surrogateescape")],
-                   env={"dir": str(tmp_path), "PATH": os.environ["PATH"]}, check=True)
-    return {p.decode(): (tmp_path / p.decode().split("/", 1)[1].rstrip('"')).read_bytes() for p in paths}
-
-
 @pytest.mark.parametrize("mode", ["gpus", "torchrun"])
-def test_launch_payload_has_env_values_only_base64_encoded(mode: str, tmp_path: Path) -> None:
+def test_launch_payload_writes_every_script_and_the_manifest_exactly(mode: str, tmp_path: Path) -> None:
     plan = two_host_plan(mode)
     for i, host in enumerate(plan.hosts):
         sessions = plan.on(host)
-        payload = scripts.launch_payload(plan, sessions, LAUNCHED)
-        assert SECRET_VALUE not in payload
-        assert "o-v!" not in payload
-        (tmp_path / str(i)).mkdir()
-        files = decoded_files(payload, tmp_path / str(i))
-        assert set(files) == {f'"$dir/{s.stem}.sh"' for s in sessions} | {'"$dir/manifest.json"'}
+        home = tmp_path / str(i)
+        home.mkdir()
+        result = run_payload(home, scripts.launch_payload(plan, sessions, LAUNCHED, checked=True))
+        assert result.returncode == 0, result.stderr
         for s in sessions:
-            script = files[f'"$dir/{s.stem}.sh"']
+            script = local_file(home, s.script).read_bytes()
             assert script == scripts.encode(scripts.session_script(plan, s, LAUNCHED))
             assert shlex.quote(SECRET_VALUE).encode() in script
-        manifest = json.loads(files['"$dir/manifest.json"'])
+        manifest = json.loads(local_file(home, RemotePath(f"{sessions[0].dir}/manifest.json")).read_text())
         assert manifest["job"] == JOB
         assert [r["session"] for r in manifest["sessions"]] == [s.name for s in sessions]
 
@@ -298,7 +361,7 @@ def test_launch_payload_has_env_values_only_base64_encoded(mode: str, tmp_path: 
 def test_readable_launch_payload_shows_no_encoded_files_and_no_secrets() -> None:
     plan = two_host_plan()
     payload = scripts.launch_payload(plan, plan.on(plan.hosts[0]), LAUNCHED, readable=True)
-    assert "FABLAUNCH_B64" not in payload
+    assert "printf '%s'" not in payload
     assert "# writes" in payload
     assert SECRET_VALUE not in payload
 
@@ -480,7 +543,7 @@ def test_new_sessions_creates_and_tags_a_few_sessions_in_one_call(mode: str) -> 
             assert c[c.index("-s") + 1] == s.name
             assert "-d" in c
             assert c[c.index("-c") + 1] == plan.workdir
-            assert c[-2:] == ["bash", f"$dir/{s.stem}.sh"]
+            assert c[-3:] == ["sh", f"$dir/{s.stem}.sh", "$start"]
             options = {c[3]: c[4] for c in commands if c[0] == "set-option" and c[2] == f"={s.name}:"}
             assert options["@fablaunch_job"] == JOB
             assert options["@fablaunch_mode"] == mode

@@ -54,7 +54,10 @@ def recorded_calls(line: str, dir_: str, tmp_path: Path, fail_on: int = 0) -> tu
     out.mkdir(parents=True, exist_ok=True)
     shim = (f"n=0; tmux() {{ n=$((n + 1)); printf '%s\\0' \"$@\" > {out}/$(printf %03d $n); "
             f"[ $n != {fail_on} ] || {{ echo 'tmux: boom' >&2; return 1; }}; }}\n")
-    result = subprocess.run(["bash", "-c", f"{shim}dir={dir_!s}\n{line}"], capture_output=True, text=True)
+    # The sessions' start time as long as planned for, as the launch payload sets it.
+    start = "9" * tmux.START_BYTES
+    result = subprocess.run(["bash", "-c", f"{shim}dir={dir_!s} start={start}\n{line}"], capture_output=True,
+                            text=True)
     calls = [p.read_bytes().decode().split("\0")[:-1] for p in sorted(out.iterdir())]
     return calls, result.returncode, result.stderr
 
@@ -140,7 +143,7 @@ def test_64_ranks_with_the_longest_job_name_and_a_long_workdir_are_split_within_
                 name = cmd[cmd.index("-s") + 1]
                 created.append(name)
                 session = sessions[len(created) - 1]
-                assert cmd[-2:] == ["bash", f"{worst_case_dir(big)}/{session.stem}.sh"]
+                assert cmd[-3:] == ["sh", f"{worst_case_dir(big)}/{session.stem}.sh", "9" * tmux.START_BYTES]
                 assert cmd[cmd.index("-c") + 1] == big.workdir
                 tagged = {c[3]: c[4] for c in cmds[i + 1:i + 6] if c[:3] == ["set-option", "-t", f"={name}:"]}
                 assert tagged == {key: value or "-" for key, value in tmux.tags(big, session).items()}
@@ -220,8 +223,9 @@ def test_a_few_ranks_with_a_short_name_still_take_one_call() -> None:
 def run_on(server: dict[str, str], p: Plan, dir_: Path, script: str) -> subprocess.CompletedProcess[str]:
     for session in p.sessions:
         (dir_ / f"{session.stem}.sh").write_text(script)
-    return subprocess.run(["bash", "-c", f"set -u; dir={dir_}\n{tmux.new_sessions(p, p.on(HOST))}"], env=server,
-                          capture_output=True, text=True, timeout=120)
+    start = "9" * tmux.START_BYTES  # the longest start time planned for
+    return subprocess.run(["bash", "-c", f"set -u; dir={dir_} start={start}\n{tmux.new_sessions(p, p.on(HOST))}"],
+                          env=server, capture_output=True, text=True, timeout=120)
 
 
 @needs_tmux
