@@ -34,10 +34,16 @@ class RemotePath(str):
 
 
 def on_host(path: str) -> str:
-    """A path as written for the hosts: `~/x` (or `~`) is the remote user's home there, never this machine's."""
+    """A path as written for the hosts: `~/x` (or `~`) is the remote user's home there, never this machine's.
+
+    A relative path is under that home too, spelt out: where a session's shell starts is tmux's
+    choice (its server's directory), not the home where ssh lands.
+    """
     if path == "~":
         return RemotePath("~/")
-    return RemotePath(path) if path.startswith("~/") else path
+    if path.startswith("~/"):
+        return RemotePath(path)
+    return path if path.startswith("/") else RemotePath(f"~/{path}")
 
 
 @dataclass(frozen=True)

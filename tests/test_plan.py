@@ -136,6 +136,16 @@ def test_error_file_is_distinct_per_rank_and_names_host_and_rank() -> None:
         assert f == s.error_file
 
 
+@pytest.mark.parametrize(("given", "planned"), [("/abs/w", "/abs/w"), ("~", "~/"), ("~/w", "~/w"), ("w", "~/w"),
+                                                ("my proj/w", "~/my proj/w"), ("./w", "~/./w")])
+def test_a_relative_workdir_is_under_the_remote_home_whatever_the_shell_starts_in(given: str, planned: str) -> None:
+    """tmux, not ssh, decides where a session's shell starts: a relative workdir is spelt out as `~/...`."""
+    for plan in (plan_gpus(JobSpec(command=["t.py"]), hosts("a"), JOB, "/py", given),
+                 plan_torchrun(JobSpec(command=["t.py"]), hosts("a"), JOB, "/py", given)):
+        assert plan.workdir == planned
+        assert isinstance(plan.workdir, RemotePath) == (planned != "/abs/w")
+
+
 def test_every_session_file_is_under_a_dir_with_the_job_and_host_label() -> None:
     plan = gpus("a", "u@b:2222", "a")
     for s in plan.sessions:

@@ -290,7 +290,7 @@ def test_doctor_says_whether_each_hosts_code_matches_this_directory(homes: Clust
     assert "pkg/model.py" in code["node2"]["message"]
     assert code["node3"]["status"] == "warn" and "train.py" in code["node3"]["message"]
     shown = fab("doctor", "--workdir", "checked", "--port", str(master_port()), timeout=300)
-    assert "WARN node2 code: 1 of 5 tracked files in checked differ" in " ".join(shown.stdout.split())
+    assert "WARN node2 code: 1 of 5 tracked files in ~/checked differ" in " ".join(shown.stdout.split())
 
 
 def test_doctor_skips_the_code_check_outside_git(fab: Fab) -> None:
