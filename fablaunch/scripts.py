@@ -106,6 +106,7 @@ _NOW = '$(date +%s.%N 2>/dev/null)'
 
 
 def _number_or_null(var: str) -> str:
+    """A shell line setting `var` to JSON null unless it holds a plain decimal number."""
     return f"case ${var} in '' | *[!0-9.]* | *.*.*) {var}=null ;; esac"
 
 
