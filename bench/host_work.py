@@ -19,6 +19,7 @@ cgroup2 hierarchy (as `launch_scaling.py` does for its hosts' CPU). Run from the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -32,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.launch_scaling import HostsCPU  # noqa: E402
+from bench.launch_scaling import HostsCPU, tagged  # noqa: E402
 from fablaunch import scripts  # noqa: E402
 from fablaunch.executor import _bulk  # noqa: E402
 from fablaunch.hostfile import parse_host  # noqa: E402
@@ -79,12 +80,9 @@ def one(group: HostsCPU, variant: str, ranks: int, i: int) -> float:
     finally:
         subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
         # Ranks and tee outlive a killed server by design; they carry the job's tag.
-        for proc in Path("/proc").glob("[0-9]*"):
-            try:
-                if f"{TAG_VAR}={job}@".encode() in (proc / "environ").read_bytes():
-                    os.kill(int(proc.name), 9)
-            except (OSError, ValueError):
-                pass
+        for pid in tagged(f"{job}@"):
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
         shutil.rmtree(home, ignore_errors=True)
 
 

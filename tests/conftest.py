@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -165,6 +166,19 @@ def slow_path(root: Path, command: str, seconds: float) -> str:
     (slow / command).write_text(f"#!/bin/sh\nsleep {seconds:g}\nexec /usr/bin/{command} \"$@\"\n")
     (slow / command).chmod(0o755)
     return f"{slow}:{os.environ['PATH']}"
+
+
+@pytest.fixture
+def server() -> Iterator[dict[str, str]]:
+    """The environment of a private tmux server (a short TMUX_TMPDIR: socket paths are limited to 107 bytes)."""
+    tmpdir = tempfile.mkdtemp(prefix="fl-tmux-", dir="/tmp")
+    env = {**os.environ, "TMUX_TMPDIR": tmpdir}
+    env.pop("TMUX", None)
+    try:
+        yield env
+    finally:
+        subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def job_name(request: pytest.FixtureRequest, suffix: str = "") -> str:

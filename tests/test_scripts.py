@@ -202,7 +202,8 @@ def test_session_script_records_the_launchs_start_time_or_reads_the_clock_itself
 
 @pytest.mark.skipif(not shutil.which("tmux"), reason="needs tmux")
 @pytest.mark.parametrize("how", ["ctrl-c", "kill-server"])
-def test_a_rank_stopped_in_its_tmux_pane_is_recorded_with_its_signal(tmp_path: Path, how: str) -> None:
+def test_a_rank_stopped_in_its_tmux_pane_is_recorded_with_its_signal(tmp_path: Path, how: str,
+                                                                    server: dict[str, str]) -> None:
     """Ctrl-C typed into an attached pane ends the rank (130). A killed tmux server does not: the rank
     and its log go on, and when it is stopped later (SIGTERM, as `fab stop` does) the record says so."""
     spec = JobSpec(command=["sh", "-c", "echo up $$; exec sleep 60"])
@@ -211,34 +212,28 @@ def test_a_rank_stopped_in_its_tmux_pane_is_recorded_with_its_signal(tmp_path: P
     local_file(tmp_path, session.log).parent.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "session.sh"
     script.write_bytes(scripts.encode(scripts.session_script(plan, session, LAUNCHED)))
-    sockets = tempfile.mkdtemp(prefix="fl-pane-", dir="/tmp")  # a short path: socket paths are limited
-    env = {**os.environ, "HOME": str(tmp_path), "TMUX_TMPDIR": sockets}
-    env.pop("TMUX", None)
+    env = {**server, "HOME": str(tmp_path)}
     record_file, log = local_file(tmp_path, session.exit_file), local_file(tmp_path, session.log)
-    try:
-        subprocess.run(["tmux", "new-session", "-d", "-s", "pane", "sh", str(script), f"{time.time():.6f}"], env=env,
-                       check=True)
-        deadline = time.monotonic() + 20
-        while "up" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        pid = int(log.read_text().split()[1])
-        if how == "ctrl-c":
-            subprocess.run(["tmux", "send-keys", "-t", "=pane:", "C-c"], env=env, check=True)
-        else:
-            subprocess.run(["tmux", "kill-server"], env=env, check=True)
-            time.sleep(0.5)
-            os.kill(pid, 0)  # alive
-            assert json.loads(record_file.read_text())["exit_code"] is None
-            os.kill(pid, signal.SIGTERM)
-        while json.loads(record_file.read_text())["exit_code"] is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        record = json.loads(record_file.read_text())
-        assert record["exit_code"] == (130 if how == "ctrl-c" else 143)
-        assert record["start_time"] <= record["end_time"] <= time.time()
-        assert log.read_text() == f"up {pid}\n"
-    finally:
-        subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
-        shutil.rmtree(sockets, ignore_errors=True)
+    subprocess.run(["tmux", "new-session", "-d", "-s", "pane", "sh", str(script), f"{time.time():.6f}"], env=env,
+                   check=True)
+    deadline = time.monotonic() + 20
+    while "up" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = int(log.read_text().split()[1])
+    if how == "ctrl-c":
+        subprocess.run(["tmux", "send-keys", "-t", "=pane:", "C-c"], env=env, check=True)
+    else:
+        subprocess.run(["tmux", "kill-server"], env=env, check=True)
+        time.sleep(0.5)
+        os.kill(pid, 0)  # alive
+        assert json.loads(record_file.read_text())["exit_code"] is None
+        os.kill(pid, signal.SIGTERM)
+    while json.loads(record_file.read_text())["exit_code"] is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    record = json.loads(record_file.read_text())
+    assert record["exit_code"] == (130 if how == "ctrl-c" else 143)
+    assert record["start_time"] <= record["end_time"] <= time.time()
+    assert log.read_text() == f"up {pid}\n"
 
 
 # --- masking ------------------------------------------------------------------------------------------------

@@ -9,11 +9,8 @@ tmux server.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,19 +76,6 @@ def worst_case_dir(p: Plan) -> str:
 
 
 # --- the limit ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def server() -> Iterator[dict[str, str]]:
-    """The environment of a private tmux server (a short TMUX_TMPDIR: socket paths are limited to 107 bytes)."""
-    tmpdir = tempfile.mkdtemp(prefix="fl-tmux-", dir="/tmp")
-    env = {**os.environ, "TMUX_TMPDIR": tmpdir}
-    env.pop("TMUX", None)
-    try:
-        yield env
-    finally:
-        subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 @needs_tmux
